@@ -1,0 +1,35 @@
+"""Shared test setup: 8 host CPU devices for sharding tests, exact float32 matmuls."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> pathlib.Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    """``tiny.pth`` (official layout, seeded random weights) converted to our format."""
+    from vda_jax.convert.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    convert_checkpoint(str(FIXTURES / "tiny.pth"), str(out), config_path=str(FIXTURES / "tiny_architecture.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from vda_jax.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(tiny_model_dir))

@@ -1,0 +1,85 @@
+"""The converter: strict key map, parameter counts of the released variants, CLI and atomic output."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from vda_jax import cli
+from vda_jax.checkpoint import abstract_model, count_params, flat_shapes, load_checkpoint
+from vda_jax.config import model_config
+from vda_jax.convert.convert import detect_config
+from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
+
+
+@pytest.fixture(scope="module")
+def official(fixtures):
+    """Key -> shape of the official modules' state dicts, with their parameter counts."""
+    with gzip.open(fixtures / "official_shapes.json.gz") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("encoder, params, temporal", [
+    ("vits", 29_035_137, 4_250_048), ("vitb", 114_441_409, 16_970_624), ("vitl", 384_390_337, 49_074_688)])
+def test_released_variants_map_strictly_with_official_parameter_counts(official, encoder, params, temporal):
+    shapes = {k: tuple(v) for k, v in official[encoder]["shapes"].items()}
+    config = detect_config(shapes)
+    assert config == model_config(encoder)
+    _, abstract = abstract_model(config)
+    plan = plan_conversion(shapes, flat_shapes(abstract))
+    assert len(plan.moves) == len(shapes) and not plan.unfilled
+    assert count_params(abstract) == params == official[encoder]["num_params"]
+    assert count_params(abstract["head"]["temporal"]) == temporal
+
+
+def test_mismatches_are_all_listed(official):
+    shapes = {k: tuple(v) for k, v in official["vits"]["shapes"].items()}
+    del shapes["head.scratch.refinenet2.out_conv.bias"]
+    shapes["head.extra.weight"] = (3,)
+    shapes["pretrained.blocks.3.attn.qkv.weight"] = (384, 384)
+    _, abstract = abstract_model(model_config("vits"))
+    with pytest.raises(KeyMismatchError) as info:
+        plan_conversion(shapes, flat_shapes(abstract))
+    message = str(info.value)
+    assert "1 unexpected: head.extra.weight" in message
+    assert "head.refinenets.1.out_conv.bias" in message and "2 missing" in message  # + the mis-shaped qkv
+    assert "1 mis-shaped: pretrained.blocks.3.attn.qkv.weight (384, 384)" in message
+
+
+def test_cli_convert_roundtrip_and_errors(tmp_path, fixtures, capsys):
+    out = tmp_path / "tiny"
+    arch = str(fixtures / "tiny_architecture.json")
+    assert cli.main(["convert", str(fixtures / "tiny.pth"), str(out), "--config", arch]) == 0
+    model = load_checkpoint(str(out))
+    assert model.config.embed_dim == 64 and not model.config.metric
+    # An existing output is not overwritten silently.
+    assert cli.main(["convert", str(fixtures / "tiny.pth"), str(out), "--config", arch]) == 1
+    assert "already exists" in capsys.readouterr().err
+    # Without --config the tiny widths are not a released encoder.
+    assert cli.main(["convert", str(fixtures / "tiny.pth"), str(tmp_path / "x")]) == 1
+    assert "unknown encoder width 64" in capsys.readouterr().err
+    # A truncated checkpoint fails with one line and leaves nothing behind.
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes((fixtures / "tiny.pth").read_bytes()[:100_000])
+    assert cli.main(["convert", str(bad), str(tmp_path / "y"), "--config", arch]) == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "tiny"]
+
+
+def test_metric_flag_and_wrong_architecture(tmp_path, fixtures, capsys):
+    arch = json.loads((fixtures / "tiny_architecture.json").read_text())
+    arch["architecture"]["features"] = 64
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    assert cli.main(["convert", str(fixtures / "tiny.pth"), str(tmp_path / "m"), "--config",
+                     str(tmp_path / "arch.json")]) == 1
+    assert "mis-shaped" in capsys.readouterr().err
+    assert cli.main(["convert", str(fixtures / "tiny.pth"), str(tmp_path / "m"), "--metric", "--config",
+                     str(fixtures / "tiny_architecture.json")]) == 0
+    assert load_checkpoint(str(tmp_path / "m")).config.metric
+
+
+def test_load_checkpoint_errors(tmp_path, fixtures):
+    with pytest.raises(ValueError, match="no config.json.*vda-jax convert"):
+        load_checkpoint(str(fixtures / "tiny.pth"))
+    np.testing.assert_equal(tmp_path.exists(), True)

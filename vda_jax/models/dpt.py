@@ -1,0 +1,114 @@
+"""The spatio-temporal DPT head: reassemble, fuse, temporal layers, depth output."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vda_jax.config import ModelConfig
+from vda_jax.models.layers import Dtype, UpConv, conv
+from vda_jax.models.temporal import Cache, TemporalModule
+from vda_jax.ops.resize import resize_bilinear_align_corners
+
+_OUTPUT_HIDDEN = 32
+
+
+class ResidualConvUnit(nnx.Module):
+    """``x + conv(relu(conv(relu(x))))`` with 3x3 convolutions."""
+
+    def __init__(self, features: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.conv1 = conv(features, features, 3, padding=1, rngs=rngs, dtype=dtype)
+        self.conv2 = conv(features, features, 3, padding=1, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.conv2(jax.nn.relu(self.conv1(jax.nn.relu(x))))
+
+
+class FusionBlock(nnx.Module):
+    """DPT feature fusion: add the refined skip, refine, upsample (align_corners), 1x1 conv."""
+
+    def __init__(self, features: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.res_unit1 = ResidualConvUnit(features, rngs=rngs, dtype=dtype)
+        self.res_unit2 = ResidualConvUnit(features, rngs=rngs, dtype=dtype)
+        self.out_conv = conv(features, features, 1, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, skip: jax.Array | None = None,
+                 size: tuple[int, int] | None = None) -> jax.Array:
+        if skip is not None:
+            x = x + self.res_unit1(skip)
+        x = self.res_unit2(x)
+        size = size or (2 * x.shape[1], 2 * x.shape[2])
+        return self.out_conv(resize_bilinear_align_corners(x, size))
+
+
+class DPTHead(nnx.Module):
+    """Depth head over four encoder levels, with temporal layers on the two coarsest.
+
+    Levels are reassembled to strides 4, 8, 16 and 32 of the input (1x1 projection
+    then x4 / x2 transposed conv, identity, stride-2 conv), fused coarse to fine, and
+    decoded to one channel at the patch-grid resolution times the patch size.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+        ch, feats = config.out_channels, config.features
+        self.patch_size = config.patch_size
+        self.projects = nnx.List([conv(config.embed_dim, c, 1, rngs=rngs, dtype=dtype) for c in ch])
+        self.resize_layers = nnx.List([
+            UpConv(ch[0], ch[0], 4, rngs=rngs, dtype=dtype),
+            UpConv(ch[1], ch[1], 2, rngs=rngs, dtype=dtype),
+            None,
+            conv(ch[3], ch[3], 3, stride=2, padding=1, rngs=rngs, dtype=dtype),
+        ])
+        self.layer_rn = nnx.List([conv(c, feats, 3, padding=1, use_bias=False, rngs=rngs, dtype=dtype) for c in ch])
+        self.refinenets = nnx.List([FusionBlock(feats, rngs=rngs, dtype=dtype) for _ in range(4)])
+        temporal = dict(heads=config.temporal_heads, max_frames=config.num_frames, pe=config.pe, rngs=rngs, dtype=dtype)
+        # Temporal layers on: reassembled level 3, level 4, fused path 4, fused path 3.
+        self.temporal = nnx.List([TemporalModule(c, **temporal) for c in (ch[2], ch[3], feats, feats)])
+        self.output_conv1 = conv(feats, feats // 2, 3, padding=1, rngs=rngs, dtype=dtype)
+        # The last convolutions always run in float32 (low-precision depth quantises visibly).
+        self.output_conv2 = conv(feats // 2, _OUTPUT_HIDDEN, 3, padding=1, rngs=rngs, dtype=jnp.float32)
+        self.output_conv3 = conv(_OUTPUT_HIDDEN, 1, 1, rngs=rngs, dtype=jnp.float32)
+
+    def __call__(self, features: tuple[jax.Array, ...], num_frames: int,
+                 cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        """Decodes depth.
+
+        Args:
+          features: four ``[B*T, ph, pw, E]`` encoder outputs, frames of a clip adjacent.
+          num_frames: T.
+          cache: 8 arrays (2 per temporal layer) of past frames' hidden states
+            ``[B, Tc, S, D]`` for streaming, or None.
+        Returns:
+          Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU)
+          and the new frames' temporal hidden states (8 arrays ``[B, T, S, D]``).
+        """
+        n, ph, pw, _ = features[0].shape
+        b, t = n // num_frames, num_frames
+        layers = []
+        for x, project, resize in zip(features, self.projects, self.resize_layers):
+            x = project(x)
+            layers.append(x if resize is None else resize(x))
+
+        new_cache: list[jax.Array] = []
+
+        def temporal(i: int, x: jax.Array) -> jax.Array:
+            layer_cache = None if cache is None else cache[2 * i: 2 * i + 2]
+            y, states = self.temporal[i](x.reshape(b, t, *x.shape[1:]), layer_cache)
+            new_cache.extend(states)
+            return y.reshape(x.shape)
+
+        layers[2] = temporal(0, layers[2])
+        layers[3] = temporal(1, layers[3])
+        rn = [layer_rn(x) for layer_rn, x in zip(self.layer_rn, layers)]
+        path = self.refinenets[3](rn[3], size=rn[2].shape[1:3])
+        path = temporal(2, path)
+        path = self.refinenets[2](path, rn[2], size=rn[1].shape[1:3])
+        path = temporal(3, path)
+        path = self.refinenets[1](path, rn[1], size=rn[0].shape[1:3])
+        path = self.refinenets[0](path, rn[0])
+        out = self.output_conv1(path)
+        out = resize_bilinear_align_corners(out, (ph * self.patch_size, pw * self.patch_size))
+        out = jax.nn.relu(self.output_conv2(out.astype(jnp.float32)))
+        out = jax.nn.relu(self.output_conv3(out))
+        return out[..., 0], tuple(new_cache)

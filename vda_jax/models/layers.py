@@ -1,0 +1,60 @@
+"""Small building blocks shared by the encoder and the head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that belongs to the checkpoint (e.g. the temporal ``pe`` table)."""
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as PyTorch's ``nn.GELU()`` default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+           use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
+         padding: int = 0, use_bias: bool = True, dtype: Dtype = jnp.float32) -> nnx.Conv:
+    """A PyTorch-style Conv2d on channels-last input: symmetric zero padding."""
+    return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                    padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                    dtype=dtype, rngs=rngs)
+
+
+def layer_norm(features: int, epsilon: float, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.LayerNorm:
+    # Exact two-pass variance, like PyTorch (Flax defaults to the fast E[x^2] - E[x]^2).
+    return nnx.LayerNorm(features, epsilon=epsilon, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+class UpConv(nnx.Module):
+    """Transposed convolution whose stride equals its kernel (no overlap, no padding).
+
+    Each input pixel expands into its own ``k x k`` output patch, so the op is a
+    matmul and a reshape: ``[N, H, W, Cin] -> [N, k*H, k*W, Cout]``. Kernel layout
+    ``[k, k, Cin, Cout]``; PyTorch's ``ConvTranspose2d`` weight is ``[Cin, Cout, k, k]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, factor: int, *, rngs: nnx.Rngs,
+                 dtype: Dtype = jnp.float32):
+        init = nnx.initializers.lecun_normal(in_axis=2, out_axis=(0, 1, 3))
+        self.kernel = nnx.Param(init(rngs.params(), (factor, factor, in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+        self.factor = factor
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, _ = x.shape
+        k = self.factor
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.einsum("nhwc,klco->nhkwlo", x.astype(self.dtype), kernel)
+        return y.reshape(n, h * k, w * k, -1) + self.bias[...].astype(self.dtype)

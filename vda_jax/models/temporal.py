@@ -1,0 +1,147 @@
+"""Temporal attention layers of the spatio-temporal head.
+
+Each layer lets every spatial position attend over the frames of its own clip:
+GroupNorm -> Linear -> 2 x (LayerNorm, temporal self-attention, residual) ->
+(LayerNorm, GEGLU feed-forward, residual) -> Linear, plus a residual around the
+whole layer. Hidden states are laid out ``[B, T, S, D]`` (S = spatial positions).
+
+For streaming, each attention sub-block can be given ``cached``: the normed
+inputs of past frames ``[B, Tc, S, D]``. The new frames then attend over
+``cached + new`` while only the new frames are queried; every call returns the
+normed inputs of its new frames so the caller can extend its cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vda_jax.models.layers import Buffer, Dtype, gelu, layer_norm, linear
+
+_GROUP_NORM_EPS = 1e-6
+_LAYER_NORM_EPS = 1e-5
+_NUM_GROUPS = 32
+_FF_MULT = 4
+
+Cache = tuple[jax.Array, ...]
+
+
+def sinusoidal_table(length: int, dim: int) -> np.ndarray:
+    """Absolute sinusoidal position encodings ``[length, dim]``: sin on even, cos on odd channels."""
+    position = np.arange(length, dtype=np.float32)[:, None]
+    div = np.exp(np.arange(0, dim, 2, dtype=np.float32) * np.float32(-math.log(10000.0) / dim))
+    table = np.zeros((length, dim), np.float32)
+    table[:, 0::2] = np.sin(position * div)
+    table[:, 1::2] = np.cos(position * div)
+    return table
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary encoding over the whole channel axis (pairs ``(2i, 2i+1)``), as the official ``rope``.
+
+    Args:
+      x: ``[B, T, S, D]``; positions: ``[T]`` integer frame positions.
+    """
+    dim = x.shape[-1]
+    freqs = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32)[: dim // 2] / dim)
+    angle = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(angle)[None, :, None], jnp.sin(angle)[None, :, None]
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], dim // 2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class TemporalAttention(nnx.Module):
+    """Self-attention along time, per spatial position; no q/k/v bias."""
+
+    def __init__(self, dim: int, heads: int, max_frames: int, pe: str, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.heads = heads
+        self.pe_type = pe
+        self.to_q = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.to_k = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.to_v = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
+        self.to_out = linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.pe = Buffer(jnp.asarray(sinusoidal_table(max_frames, dim))) if pe == "ape" else None
+
+    def __call__(self, x: jax.Array, cached: jax.Array | None = None) -> jax.Array:
+        """``x``: ``[B, T, S, D]`` normed hidden states; ``cached``: ``[B, Tc, S, D]`` or None."""
+        frames = x if cached is None else jnp.concatenate([cached.astype(x.dtype), x], axis=1)
+        num_cached, length = frames.shape[1] - x.shape[1], frames.shape[1]
+        if self.pe is not None:
+            if length > self.pe[...].shape[0]:
+                raise ValueError(f"{length} frames exceed the temporal position encoding's "
+                                 f"{self.pe[...].shape[0]}; use shorter clips")
+            frames = frames + self.pe[...][:length, None, :].astype(frames.dtype)
+        q = self.to_q(frames[:, num_cached:])
+        k, v = self.to_k(frames), self.to_v(frames)
+        if self.pe_type == "rope":
+            q = apply_rope(q, jnp.arange(num_cached, length))
+            k = apply_rope(k, jnp.arange(length))
+        b, t, s, d = q.shape
+        split = lambda a: a.reshape(*a.shape[:-1], self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        logits = jnp.einsum("btshc,bushc->bshtu", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (d // self.heads) ** -0.5, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bshtu,bushc->btshc", probs, v).reshape(b, t, s, d)
+        return self.to_out(out)
+
+
+class GEGLUFeedForward(nnx.Module):
+    """``value * gelu(gate)`` with both halves from one projection, then a projection back."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        self.proj = linear(dim, 2 * _FF_MULT * dim, rngs=rngs, dtype=dtype)
+        self.out = linear(_FF_MULT * dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return self.out(value * gelu(gate))
+
+
+class TemporalModule(nnx.Module):
+    """One temporal layer of the head (a single transformer block of two attention sub-blocks)."""
+
+    num_attention_blocks = 2
+
+    def __init__(self, channels: int, heads: int, max_frames: int, pe: str, *, rngs: nnx.Rngs,
+                 dtype: Dtype = jnp.float32):
+        dim = heads * (channels // heads)
+        self.norm = nnx.GroupNorm(channels, num_groups=_NUM_GROUPS, epsilon=_GROUP_NORM_EPS,
+                                  use_fast_variance=False, dtype=dtype, rngs=rngs)
+        self.proj_in = linear(channels, dim, rngs=rngs, dtype=dtype)
+        self.norms = nnx.List([layer_norm(dim, _LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+                               for _ in range(self.num_attention_blocks)])
+        self.attention_blocks = nnx.List([TemporalAttention(dim, heads, max_frames, pe, rngs=rngs, dtype=dtype)
+                                          for _ in range(self.num_attention_blocks)])
+        self.ff_norm = layer_norm(dim, _LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
+        self.ff = GEGLUFeedForward(dim, rngs=rngs, dtype=dtype)
+        # Zero-initialised output projection: a new layer starts as the identity.
+        self.proj_out = nnx.Linear(dim, channels, kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        """Applies the layer.
+
+        Args:
+          x: ``[B, T, H, W, C]`` feature maps of a clip (or of the new frames when streaming).
+          cache: per attention sub-block, the normed hidden states of past frames
+            ``[B, Tc, H*W, D]``, or None.
+        Returns:
+          ``[B, T, H, W, C]`` and, per attention sub-block, the new frames' normed hidden
+          states ``[B, T, H*W, D]``.
+        """
+        b, t, h, w, c = x.shape
+        hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b, t, h * w, c)
+        hidden = self.proj_in(hidden)
+        new_cache = []
+        for i, (norm, attention) in enumerate(zip(self.norms, self.attention_blocks)):
+            normed = norm(hidden)
+            hidden = hidden + attention(normed, None if cache is None else cache[i])
+            new_cache.append(normed)
+        hidden = hidden + self.ff(self.ff_norm(hidden))
+        out = self.proj_out(hidden).reshape(b, t, h, w, c)
+        return x + out.astype(x.dtype), tuple(new_cache)
