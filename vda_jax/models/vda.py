@@ -56,3 +56,11 @@ class VideoDepthAnything(nnx.Module):
                              f"got shape {frames.shape}")
         features = self.encode(frames.reshape(b * t, h, w, c))
         return self.decode(features, t, (h, w))[0]
+
+
+def with_compute_dtype(model: VideoDepthAnything, dtype: Dtype) -> VideoDepthAnything:
+    """The same parameters (shared, not copied) computing in ``dtype``."""
+    if model.encoder.dtype == dtype:
+        return model
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoDepthAnything(model.config, dtype=dtype)))
+    return nnx.merge(graphdef, nnx.state(model))

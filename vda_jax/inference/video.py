@@ -1,0 +1,267 @@
+"""The long-video driver: lazy frames in, final depths out, many videos per compiled step.
+
+Memory is constant in the video's length: frames are pulled from their source
+as the windows need them (decoded ahead by a background thread), and each depth
+frame leaves as soon as it is final. Videos that share a frame size share one
+compiled window step with a slot axis; a slot whose video ends takes the next
+video, and the slots are sharded over every device on a ``data`` mesh axis.
+Steps are dispatched before the previous step's depths are copied back, so the
+host decodes and writes while the device computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vda_jax.inference import window
+from vda_jax.inference.preprocess import network_size
+from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+_PREFETCH_FRAMES = 2 * window.WINDOW_FRAMES
+
+
+class DepthSink(Protocol):
+    """Receives one video's depths in order: ``write([n, H, W])`` calls, then ``close()``."""
+
+    def write(self, depth: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass
+class VideoJob:
+    """A video to process: its uint8 RGB frames ``[H, W, 3]`` (any iterable) and where depths go."""
+
+    frames: Iterable[np.ndarray]
+    sink: DepthSink
+    name: str = "video"
+
+
+def default_precision() -> str:
+    """bf16 on accelerators, fp32 on CPU."""
+    return "fp32" if jax.default_backend() == "cpu" else "bf16"
+
+
+def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FRAMES) -> Iterator[np.ndarray]:
+    """Iterates ``frames`` in a background thread, ``depth`` frames ahead; re-raises its errors here."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def fill():
+        try:
+            for frame in frames:
+                if stop.is_set():
+                    return
+                buffer.put(np.ascontiguousarray(frame, dtype=np.uint8))
+            buffer.put(done)
+        except BaseException as e:  # handed to the consumer
+            buffer.put(e)
+
+    threading.Thread(target=fill, daemon=True, name=f"decode-{name}").start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class _Slot:
+    """Host-side progress of the video in one slot."""
+
+    def __init__(self, index: int, job: VideoJob, frame_size: tuple[int, int]):
+        self.index, self.job, self.frame_size = index, job, frame_size
+        self.frames = _prefetch(job.frames, job.name)
+        self.read = 0          # real frames read so far
+        self.window = 0        # windows dispatched
+        self.last: np.ndarray | None = None
+
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` frames, the last real frame repeated once the video has ended."""
+        out = []
+        for frame in itertools.islice(self.frames, count):
+            if frame.shape != (*self.frame_size, 3):
+                raise ValueError(f"{self.job.name}: frame {self.read} is {frame.shape}, expected "
+                                 f"{(*self.frame_size, 3)}; all frames of a video must share one size")
+            out.append(frame)
+            self.read += 1
+        if self.last is None and not out:
+            raise ValueError(f"{self.job.name}: the video has no frames")
+        self.last = out[-1] if out else self.last
+        out.extend([self.last] * (count - len(out)))
+        return np.stack(out)
+
+    @property
+    def has_next_window(self) -> bool:
+        # The window starting at frame 22 * w exists iff that frame exists.
+        return window.STRIDE * self.window < self.read
+
+
+class WindowRunner:
+    """The compiled start and window steps for one frame size and slot count.
+
+    The model's parameters are placed once (replicated over the mesh); the slot
+    axis of the frames and of the carried state is sharded on ``data``.
+    """
+
+    def __init__(self, model: VideoDepthAnything, frame_size: tuple[int, int], net_size: tuple[int, int],
+                 slots: int, devices: Sequence[jax.Device] | None = None):
+        devices = list(devices or jax.devices())
+        shards = math.gcd(slots, len(devices))
+        self.mesh = jax.make_mesh((shards,), ("data",), devices=devices[:shards],
+                                  axis_types=(jax.sharding.AxisType.Auto,))
+        self.frame_size, self.net_size, self.slots = frame_size, net_size, slots
+        graphdef, params = nnx.split(model)
+        replicated, sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        self.params = jax.device_put(params, replicated)
+
+        def start(params, state, slot, frames):
+            return window.start_video(nnx.merge(graphdef, params), state, slot, frames, net_size)
+
+        def step(params, state, frames, first):
+            return window.window_step(nnx.merge(graphdef, params), state, frames, first, net_size)
+
+        state_sharding = jax.tree.map(lambda _: sharded, jax.eval_shape(
+            lambda: window.empty_state(model, slots, net_size, frame_size)))
+        self._start = jax.jit(start, in_shardings=(replicated, state_sharding, replicated, replicated),
+                              out_shardings=state_sharding, donate_argnums=1)
+        self._step = jax.jit(step, in_shardings=(replicated, state_sharding, sharded, sharded),
+                             out_shardings=(state_sharding, sharded), donate_argnums=1)
+        self.state = jax.jit(functools.partial(window.empty_state, model, slots, net_size, frame_size),
+                             out_shardings=state_sharding)()
+
+    def start(self, slot: int, frames: np.ndarray) -> None:
+        self.state = self._start(self.params, self.state, jnp.int32(slot), frames)
+
+    def step(self, frames: np.ndarray, first: np.ndarray) -> window.WindowOutput:
+        self.state, out = self._step(self.params, self.state, frames, first)
+        return out
+
+
+def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callable[[int], None]) -> None:
+    """Runs every job (all of ``runner.frame_size``) through the runner's slots."""
+    slots: list[_Slot | None] = [None] * runner.slots
+    counter = itertools.count()
+
+    def assign(i: int) -> None:
+        job = next(jobs, None)
+        slots[i] = None if job is None else _Slot(next(counter), job, runner.frame_size)
+        if slots[i] is not None:
+            runner.start(i, slots[i].take(window.OVERLAP_FRAMES))
+
+    for i in range(runner.slots):
+        assign(i)
+    in_flight = None  # (output, [(slot, window index, ended)]) of the last dispatched step
+    idle = np.zeros((window.STRIDE, *runner.frame_size, 3), np.uint8)
+    while any(slots) or in_flight:
+        dispatched = None
+        if any(slots):
+            frames = np.stack([s.take(window.STRIDE) if s else idle for s in slots])
+            first = np.array([bool(s) and s.window == 0 for s in slots])
+            out = runner.step(frames, first)
+            info = []
+            for i, s in enumerate(slots):
+                if s:
+                    s.window += 1
+                    info.append((i, s, s.window - 1, not s.has_next_window))
+            dispatched = (out, info)
+            for i, s, _, ended in info:
+                if ended:
+                    assign(i)  # the next video's first frames go in while this step runs
+        if in_flight:
+            _collect(*in_flight, on_frames)
+        in_flight = dispatched
+
+
+def _collect(out: window.WindowOutput, info, on_frames: Callable[[int], None]) -> None:
+    """Copies a step's depths to the host and hands each slot's final frames to its sink."""
+    final = np.asarray(out.final)
+    head = np.asarray(out.head) if any(w == 0 for _, _, w, _ in info) else None
+    tail = np.asarray(out.tail) if any(ended for *_, ended in info) else None
+    for i, slot, w, ended in info:
+        start = window.STRIDE * w
+        pieces = [(head[i], start)] if w == 0 else []
+        pieces.append((final[i], start + window.ALIGN_FRAMES))
+        if ended:
+            pieces.append((tail[i], start + window.FINAL_END))
+        for depth, first_frame in pieces:
+            keep = min(len(depth), max(slot.read - first_frame, 0))  # drop the padding past the end
+            if keep:
+                slot.job.sink.write(depth[:keep])
+                on_frames(keep)
+        if ended:
+            slot.job.sink.close()
+
+
+def _peek(frames: Iterable[np.ndarray], name: str) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    iterator = iter(frames)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError(f"{name}: the video has no frames")
+    first = np.asarray(first)
+    if first.ndim != 3 or first.shape[-1] != 3 or first.dtype != np.uint8:
+        raise ValueError(f"{name}: frames must be uint8 RGB [H, W, 3], got {first.dtype} {first.shape}")
+    return first, itertools.chain([first], iterator)
+
+
+def infer_videos(model: VideoDepthAnything, jobs: Sequence[VideoJob], *, input_size: int = 518,
+                 precision: str | None = None, batch_size: int = 1,
+                 on_frames: Callable[[int], None] = lambda n: None) -> None:
+    """Depth for many videos; each job's sink receives its depths ``[n, H, W]`` in order.
+
+    Videos of one frame size run ``batch_size`` at a time through one compiled step
+    (slots sharded over all devices); results equal one-by-one inference.
+    """
+    model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
+    groups: dict[tuple[int, int], list[VideoJob]] = {}
+    for job in jobs:
+        first, frames = _peek(job.frames, job.name)
+        groups.setdefault(first.shape[:2], []).append(dataclasses.replace(job, frames=frames))
+    for frame_size, group in groups.items():
+        slots = min(batch_size, len(group))
+        runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots)
+        _run_group(runner, iter(group), on_frames)
+
+
+class _ListSink:
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+
+    def write(self, depth: np.ndarray) -> None:
+        self.chunks.append(depth)
+
+    def close(self) -> None:
+        pass
+
+
+def infer_video_depth(model: VideoDepthAnything, frames: np.ndarray | Iterable[np.ndarray], *,
+                      input_size: int = 518, precision: str | None = None) -> np.ndarray:
+    """Consistent depth of a whole video, as the official ``infer_video_depth``.
+
+    Args:
+      model: a loaded model (relative or metric).
+      frames: uint8 RGB ``[N, H, W, 3]`` or an iterable of ``[H, W, 3]`` frames.
+      input_size: short side of the network input (rounded to a multiple of 14).
+      precision: "fp32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
+    Returns:
+      float32 depth ``[N, H, W]`` at the frames' resolution.
+    """
+    sink = _ListSink()
+    infer_videos(model, [VideoJob(frames, sink)], input_size=input_size, precision=precision)
+    return np.concatenate(sink.chunks)

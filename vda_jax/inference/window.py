@@ -1,0 +1,137 @@
+"""The jitted sliding-window step of the long-video inference.
+
+Windows of 32 frames start every 22 frames. From the second window on, the
+first 10 inputs are the previous window's inputs at ``KEYFRAMES``; since the
+encoder is per-frame, their features are carried over instead of recomputed,
+so each step encodes only its 22 new frames. The head then runs on all 32.
+
+Relative models are aligned window to window: a least-squares scale and shift
+maps the window's depths of its first two inputs (video frame 0 and the
+previous window's frame at index 12) onto their reference depths, the 8
+overlapping frames are blended linearly with the previous window's, and the
+reference of the second key frame moves to this window's frame at index 12.
+Metric models skip the fit (scale 1, shift 0) but blend the same way.
+
+Each step returns, per video slot, the 22 frames that became final, the first
+two frames (final only in a video's first window) and the 8 frames that wait
+for the next window's blend (final only in its last window).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vda_jax.inference.preprocess import preprocess
+from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.ops.align import scale_and_shift
+from vda_jax.ops.resize import resize_bilinear_align_corners
+
+WINDOW_FRAMES = 32
+OVERLAP_FRAMES = 10
+STRIDE = WINDOW_FRAMES - OVERLAP_FRAMES  # 22 new frames per window
+KEYFRAMES = (0, 12, 24, 25, 26, 27, 28, 29, 30, 31)
+INTERP_FRAMES = 8
+ALIGN_FRAMES = OVERLAP_FRAMES - INTERP_FRAMES  # the 2 key frames the fit uses
+FINAL_END = WINDOW_FRAMES - INTERP_FRAMES  # 24: frames [ALIGN_FRAMES, FINAL_END) are final after a step
+
+
+def blend_weights(frames: int = INTERP_FRAMES) -> np.ndarray:
+    """Weights of the newer window in the overlap blend: ``i / (frames - 1)``, float32 ``[frames]``."""
+    return (np.arange(frames) * (1.0 / (frames - 1))).astype(np.float32)
+
+
+class WindowState(NamedTuple):
+    """What one video slot carries from a window to the next (leading axis: slots ``B``).
+
+    key_features: four ``[B, 10, ph, pw, E]`` encoder outputs of the next window's first inputs.
+    reference: ``[B, 2, H, W]`` depths the next window's first two frames are aligned to.
+    pending: ``[B, 8, H, W]`` aligned depths of the overlap, awaiting the next window's blend.
+    """
+
+    key_features: tuple[jax.Array, ...]
+    reference: jax.Array
+    pending: jax.Array
+
+
+class WindowOutput(NamedTuple):
+    """Depths ``[B, n, H, W]`` a step hands back: ``final`` (22), ``head`` (2) and ``tail`` (8)."""
+
+    final: jax.Array
+    head: jax.Array
+    tail: jax.Array
+
+
+def align_window(depth: jax.Array, reference: jax.Array, pending: jax.Array, first: jax.Array,
+                 metric: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Aligns one window to the previous one and blends the overlap.
+
+    Args:
+      depth: ``[32, H, W]`` this window's depths at frame resolution.
+      reference: ``[2, H, W]``; pending: ``[8, H, W]`` (ignored when ``first``).
+      first: scalar bool, the video's first window (kept as it is).
+      metric: skip the scale/shift fit.
+    Returns:
+      ``(final [22, H, W], aligned [32, H, W], new reference [2, H, W], new pending [8, H, W])``.
+    """
+    if metric:
+        scale, shift = jnp.float32(1.0), jnp.float32(0.0)
+    else:
+        scale, shift = scale_and_shift(depth[:ALIGN_FRAMES], reference, jnp.ones_like(reference))
+    aligned = jnp.maximum(depth * scale + shift, 0.0)
+    aligned = jnp.where(first, depth, aligned)
+    overlap = aligned[ALIGN_FRAMES:OVERLAP_FRAMES]
+    w = jnp.asarray(blend_weights())[:, None, None]
+    blended = jnp.where(first, overlap, pending * (1.0 - w) + overlap * w)
+    final = jnp.concatenate([blended, aligned[OVERLAP_FRAMES:FINAL_END]])
+    reference = jnp.stack([jnp.where(first, aligned[0], reference[0]), aligned[KEYFRAMES[1]]])
+    return final, aligned, reference, aligned[FINAL_END:]
+
+
+def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int],
+                frame_size: tuple[int, int]) -> WindowState:
+    """Zeros of the right shapes for ``slots`` videos (filled by ``start_video``)."""
+    features = jax.eval_shape(model.encode, jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32))
+    key_features = tuple(jnp.zeros((slots, OVERLAP_FRAMES, *f.shape[1:]), f.dtype) for f in features)
+    return WindowState(key_features, jnp.zeros((slots, ALIGN_FRAMES, *frame_size), jnp.float32),
+                       jnp.zeros((slots, INTERP_FRAMES, *frame_size), jnp.float32))
+
+
+def start_video(model: VideoDepthAnything, state: WindowState, slot: jax.Array, frames: jax.Array,
+                net_size: tuple[int, int]) -> WindowState:
+    """Encodes a video's first 10 frames (uint8 ``[10, H, W, 3]``) into slot ``slot``."""
+    features = model.encode(preprocess(frames, net_size))
+    key_features = tuple(k.at[slot].set(f.astype(k.dtype)) for k, f in zip(state.key_features, features))
+    return state._replace(key_features=key_features)
+
+
+def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array, first: jax.Array,
+                net_size: tuple[int, int]) -> tuple[WindowState, WindowOutput]:
+    """One window for every slot.
+
+    Args:
+      state: carried from the previous window (or ``start_video``).
+      frames: uint8 ``[B, 22, H, W, 3]``, each slot's 22 new frames.
+      first: bool ``[B]``, the slot's first window.
+      net_size: network input (h, w), multiples of 14.
+    """
+    b, t, height, width, _ = frames.shape
+    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3))
+    features = tuple(jnp.concatenate([k, f.reshape(b, t, *f.shape[1:]).astype(k.dtype)], axis=1)
+                     for k, f in zip(state.key_features, new))
+    depth, _ = model.decode(tuple(f.reshape(b * WINDOW_FRAMES, *f.shape[2:]) for f in features),
+                            WINDOW_FRAMES, net_size)
+    depth = resize_bilinear_align_corners(depth, (height, width), axes=(-2, -1))
+    align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, None))
+    final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)
+    key_features = tuple(f[:, np.asarray(KEYFRAMES)] for f in features)
+    return WindowState(key_features, reference, pending), WindowOutput(final, aligned[:, :ALIGN_FRAMES], pending)
+
+
+def num_windows(num_frames: int) -> int:
+    """Windows the official pipeline runs for a video of ``num_frames``: one per started 22 frames."""
+    return -(-num_frames // STRIDE)
+
