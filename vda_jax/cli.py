@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -31,7 +32,80 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_convert)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+def _infer(args: argparse.Namespace) -> int:
+    from vda_jax.inference import files
+    from vda_jax.io.video import expand_inputs
+
+    _enable_compilation_cache()
+    sources = expand_inputs(args.inputs)
+    model = _load_model(args.checkpoint)
+    options = files.OutputOptions(args.output_dir, grayscale=args.grayscale, save_npz=args.save_npz,
+                                  save_exr=args.save_exr, save_ply=args.save_ply,
+                                  focal_length=(args.focal_length_x, args.focal_length_y), overwrite=args.overwrite)
+    read = files.ReadOptions(max_res=args.max_res, max_len=args.max_len, target_fps=args.target_fps)
+    failed = files.infer_files(model, sources, options, read, input_size=args.input_size, precision=args.precision,
+                               batch_size=args.batch_size, streaming=args.streaming, progress=not args.quiet)
+    done = len(sources) - len(failed)
+    print(f"{done}/{len(sources)} videos written to {args.output_dir}" + (f"; {len(failed)} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="depth for videos, image folders or image sequences",
+                       description="Consistent depth for videos of any length (the official sliding-window "
+                                   "algorithm), many videos per compiled step; writes <name>_src.mp4, "
+                                   "<name>_vis.mp4 and the requested raw outputs.")
+    p.add_argument("inputs", nargs="+", help="video files, folders (of videos, or of images), globs, "
+                                             "printf patterns such as frames/%%05d.png")
+    p.add_argument("--checkpoint", help="model directory from `vda-jax convert` (default: the bundled demo model)")
+    p.add_argument("--output-dir", default="./outputs")
+    p.add_argument("--input-size", type=_positive_int, default=518, help="network input short side")
+    p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
+    p.add_argument("--max-len", type=int, default=-1, help="at most this many frames (-1: all)")
+    p.add_argument("--target-fps", type=float, default=-1, help="subsample to about this frame rate (-1: keep)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="compute precision (default: bf16 on GPU, "
+                                                                   "fp32 on CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="videos of one frame size processed together (sharded over all devices)")
+    p.add_argument("--streaming", action="store_true", help="causal streaming mode (one frame in, one depth out)")
+    p.add_argument("--grayscale", action="store_true", help="grey instead of the inferno colour map")
+    p.add_argument("--save-npz", action="store_true", help="also write <name>_depths.npz (key 'depths')")
+    p.add_argument("--save-exr", action="store_true", help="also write <name>_depths_exr/ (needs vda-jax[exr])")
+    p.add_argument("--save-ply", action="store_true", help="metric models: per-frame point clouds in <name>_ply/")
+    p.add_argument("--focal-length-x", type=float, default=470.4)
+    p.add_argument("--focal-length-y", type=float, default=470.4)
+    p.add_argument("--overwrite", action="store_true", help="redo videos whose outputs exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_infer)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _enable_compilation_cache() -> None:
+    """Compiled steps persist on disk, so a second run with the same shapes starts fast."""
+    import jax
+
+    cache = os.environ.get("VDA_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vda-jax", "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _load_model(checkpoint: str | None):
+    from vda_jax.checkpoint import load_checkpoint
+
+    if checkpoint is None:
+        from vda_jax.assets import bundled_model_dir
+
+        checkpoint = bundled_model_dir()
+    return load_checkpoint(checkpoint)
+
+
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_infer]
 
 
 def build_parser() -> argparse.ArgumentParser:

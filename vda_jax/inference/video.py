@@ -91,6 +91,7 @@ class _Slot:
         self.read = 0          # real frames read so far
         self.window = 0        # windows dispatched
         self.last: np.ndarray | None = None
+        self.failed = False
 
     def take(self, count: int) -> np.ndarray:
         """The next ``count`` frames, the last real frame repeated once the video has ended."""
@@ -113,6 +114,28 @@ class _Slot:
         return window.STRIDE * self.window < self.read
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tuple[int, int], slots: int,
+              mesh: jax.sharding.Mesh):
+    """Jitted (init, start, step) for one model graph, frame size and slot count; built once."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def init(params):
+        return window.empty_state(nnx.merge(graphdef, params), slots, net_size, frame_size)
+
+    def start(params, state, slot, frames):
+        return window.start_video(nnx.merge(graphdef, params), state, slot, frames, net_size)
+
+    def step(params, state, frames, first):
+        return window.window_step(nnx.merge(graphdef, params), state, frames, first, net_size)
+
+    return (jax.jit(init, out_shardings=sharded),
+            jax.jit(start, in_shardings=(replicated, sharded, replicated, replicated), out_shardings=sharded,
+                    donate_argnums=1),
+            jax.jit(step, in_shardings=(replicated, sharded, sharded, sharded), out_shardings=(sharded, sharded),
+                    donate_argnums=1))
+
+
 class WindowRunner:
     """The compiled start and window steps for one frame size and slot count.
 
@@ -124,27 +147,12 @@ class WindowRunner:
                  slots: int, devices: Sequence[jax.Device] | None = None):
         devices = list(devices or jax.devices())
         shards = math.gcd(slots, len(devices))
-        self.mesh = jax.make_mesh((shards,), ("data",), devices=devices[:shards],
-                                  axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = jax.make_mesh((shards,), ("data",), devices=devices[:shards], axis_types=(jax.sharding.AxisType.Auto,))
         self.frame_size, self.net_size, self.slots = frame_size, net_size, slots
         graphdef, params = nnx.split(model)
-        replicated, sharded = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
-        self.params = jax.device_put(params, replicated)
-
-        def start(params, state, slot, frames):
-            return window.start_video(nnx.merge(graphdef, params), state, slot, frames, net_size)
-
-        def step(params, state, frames, first):
-            return window.window_step(nnx.merge(graphdef, params), state, frames, first, net_size)
-
-        state_sharding = jax.tree.map(lambda _: sharded, jax.eval_shape(
-            lambda: window.empty_state(model, slots, net_size, frame_size)))
-        self._start = jax.jit(start, in_shardings=(replicated, state_sharding, replicated, replicated),
-                              out_shardings=state_sharding, donate_argnums=1)
-        self._step = jax.jit(step, in_shardings=(replicated, state_sharding, sharded, sharded),
-                             out_shardings=(state_sharding, sharded), donate_argnums=1)
-        self.state = jax.jit(functools.partial(window.empty_state, model, slots, net_size, frame_size),
-                             out_shardings=state_sharding)()
+        self.params = jax.device_put(params, NamedSharding(mesh, P()))
+        init, self._start, self._step = _compiled(graphdef, frame_size, net_size, slots, mesh)
+        self.state = init(self.params)
 
     def start(self, slot: int, frames: np.ndarray) -> None:
         self.state = self._start(self.params, self.state, jnp.int32(slot), frames)
@@ -154,25 +162,50 @@ class WindowRunner:
         return out
 
 
-def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callable[[int], None]) -> None:
-    """Runs every job (all of ``runner.frame_size``) through the runner's slots."""
+def _raise(job: VideoJob, error: Exception) -> None:
+    raise error
+
+
+def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callable[[int], None],
+               on_error: Callable[[VideoJob, Exception], None] = _raise) -> None:
+    """Runs every job (all of ``runner.frame_size``) through the runner's slots.
+
+    A video whose frames cannot be read is handed to ``on_error`` (which re-raises by
+    default) and its slot moves on to the next video.
+    """
     slots: list[_Slot | None] = [None] * runner.slots
     counter = itertools.count()
 
-    def assign(i: int) -> None:
-        job = next(jobs, None)
-        slots[i] = None if job is None else _Slot(next(counter), job, runner.frame_size)
-        if slots[i] is not None:
-            runner.start(i, slots[i].take(window.OVERLAP_FRAMES))
+    def fail(i: int, error: Exception) -> None:
+        slots[i].failed = True
+        on_error(slots[i].job, error)
+        assign(i)
 
+    def assign(i: int) -> None:
+        slots[i] = None
+        while slots[i] is None and (job := next(jobs, None)) is not None:
+            slots[i] = _Slot(next(counter), job, runner.frame_size)
+            try:
+                runner.start(i, slots[i].take(window.OVERLAP_FRAMES))
+            except (ValueError, OSError) as e:
+                fail(i, e)
+
+    def next_frames(i: int) -> np.ndarray:
+        while slots[i]:
+            try:
+                return slots[i].take(window.STRIDE)
+            except (ValueError, OSError) as e:
+                fail(i, e)
+        return idle
+
+    idle = np.zeros((window.STRIDE, *runner.frame_size, 3), np.uint8)
     for i in range(runner.slots):
         assign(i)
-    in_flight = None  # (output, [(slot, window index, ended)]) of the last dispatched step
-    idle = np.zeros((window.STRIDE, *runner.frame_size, 3), np.uint8)
+    in_flight = None  # (output, [(slot index, slot, window index, ended)]) of the last dispatched step
     while any(slots) or in_flight:
         dispatched = None
         if any(slots):
-            frames = np.stack([s.take(window.STRIDE) if s else idle for s in slots])
+            frames = np.stack([next_frames(i) for i in range(runner.slots)])
             first = np.array([bool(s) and s.window == 0 for s in slots])
             out = runner.step(frames, first)
             info = []
@@ -181,7 +214,7 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
                     s.window += 1
                     info.append((i, s, s.window - 1, not s.has_next_window))
             dispatched = (out, info)
-            for i, s, _, ended in info:
+            for i, _, _, ended in info:
                 if ended:
                     assign(i)  # the next video's first frames go in while this step runs
         if in_flight:
@@ -195,6 +228,8 @@ def _collect(out: window.WindowOutput, info, on_frames: Callable[[int], None]) -
     head = np.asarray(out.head) if any(w == 0 for _, _, w, _ in info) else None
     tail = np.asarray(out.tail) if any(ended for *_, ended in info) else None
     for i, slot, w, ended in info:
+        if slot.failed:
+            continue
         start = window.STRIDE * w
         pieces = [(head[i], start)] if w == 0 else []
         pieces.append((final[i], start + window.ALIGN_FRAMES))
@@ -220,23 +255,42 @@ def _peek(frames: Iterable[np.ndarray], name: str) -> tuple[np.ndarray, Iterator
     return first, itertools.chain([first], iterator)
 
 
-def infer_videos(model: VideoDepthAnything, jobs: Sequence[VideoJob], *, input_size: int = 518,
-                 precision: str | None = None, batch_size: int = 1,
-                 on_frames: Callable[[int], None] = lambda n: None) -> None:
-    """Depth for many videos; each job's sink receives its depths ``[n, H, W]`` in order.
+def run_videos(model: VideoDepthAnything, frame_size: tuple[int, int], jobs: Iterable[VideoJob], *,
+               input_size: int = 518, precision: str | None = None, slots: int = 1,
+               on_frames: Callable[[int], None] = lambda n: None,
+               on_error: Callable[[VideoJob, Exception], None] = _raise) -> None:
+    """Depth for videos that all have ``frame_size``, ``slots`` at a time through one compiled step.
 
-    Videos of one frame size run ``batch_size`` at a time through one compiled step
-    (slots sharded over all devices); results equal one-by-one inference.
+    ``jobs`` is consumed lazily (a video is opened when a slot takes it), so any
+    number of videos runs in constant memory; each job's sink receives its depths
+    ``[n, H, W]`` in order. A video that fails to read goes to ``on_error``
+    (default: raise) and the others go on.
     """
     model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
+    runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots)
+    _run_group(runner, iter(jobs), on_frames, on_error)
+
+
+def infer_videos(model: VideoDepthAnything, jobs: Sequence[VideoJob], *, input_size: int = 518,
+                 precision: str | None = None, batch_size: int = 1,
+                 on_frames: Callable[[int], None] = lambda n: None,
+                 on_error: Callable[[VideoJob, Exception], None] = _raise) -> None:
+    """Depth for videos of any frame sizes: grouped by size, ``batch_size`` videos per step.
+
+    Results equal one-by-one inference. Each video's first frame is read up front
+    to group them; for very many files, group by header and call ``run_videos``.
+    """
     groups: dict[tuple[int, int], list[VideoJob]] = {}
     for job in jobs:
-        first, frames = _peek(job.frames, job.name)
+        try:
+            first, frames = _peek(job.frames, job.name)
+        except (ValueError, OSError) as e:
+            on_error(job, e)
+            continue
         groups.setdefault(first.shape[:2], []).append(dataclasses.replace(job, frames=frames))
     for frame_size, group in groups.items():
-        slots = min(batch_size, len(group))
-        runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots)
-        _run_group(runner, iter(group), on_frames)
+        run_videos(model, frame_size, group, input_size=input_size, precision=precision,
+                   slots=min(batch_size, len(group)), on_frames=on_frames, on_error=on_error)
 
 
 class _ListSink:

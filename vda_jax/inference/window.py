@@ -94,8 +94,10 @@ def align_window(depth: jax.Array, reference: jax.Array, pending: jax.Array, fir
 def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int],
                 frame_size: tuple[int, int]) -> WindowState:
     """Zeros of the right shapes for ``slots`` videos (filled by ``start_video``)."""
-    features = jax.eval_shape(model.encode, jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32))
-    key_features = tuple(jnp.zeros((slots, OVERLAP_FRAMES, *f.shape[1:]), f.dtype) for f in features)
+    config, (height, width) = model.config, net_size
+    grid = (height // config.patch_size, width // config.patch_size, config.embed_dim)
+    key_features = tuple(jnp.zeros((slots, OVERLAP_FRAMES, *grid), model.encoder.dtype)
+                         for _ in config.intermediate_layers)
     return WindowState(key_features, jnp.zeros((slots, ALIGN_FRAMES, *frame_size), jnp.float32),
                        jnp.zeros((slots, INTERP_FRAMES, *frame_size), jnp.float32))
 

@@ -1,0 +1,161 @@
+"""Streaming inference: one frame in, its depth out, as the official streaming mode.
+
+Each new frame attends, in every temporal layer, over the hidden states of 31
+past frames: frame 0, the frame ``KEY_GAP`` = 41 back, and the last 29; while
+there is not enough history, frame 0 stands in for the missing frames (the
+official mode seeds its cache with 32 copies of frame 0). Frame ``k`` thus sees
+frames ``[0, max(k - 41, 0), max(k - 29, 0), ..., max(k - 1, 0)]``, in that
+order (positions 0..30 of the temporal position encoding; the new frame is 31).
+
+The states live on the device in a fixed ring of ``RING_SLOTS`` = 42 frames:
+slot 0 keeps frame 0, frame ``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The
+frames ``k - 41 .. k - 1`` a step may read occupy 41 distinct slots, and frame
+``k`` overwrites frame ``k - 41``, its last reader. The gather indices follow
+from a step counter carried on the device, so the step compiles once per frame
+size (plus once for the seeding first frame) and never retraces.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vda_jax.inference import window
+from vda_jax.inference.preprocess import network_size, preprocess
+from vda_jax.inference.video import PRECISIONS, default_precision
+from vda_jax.models.temporal import Cache
+from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.ops.resize import resize_bilinear_align_corners
+
+CONTEXT_FRAMES = window.WINDOW_FRAMES - 1  # 31 past frames per new frame
+RECENT_FRAMES = CONTEXT_FRAMES - 2  # 29: all but frame 0 and the key frame
+# The official constant: two window strides, less one, less the 2 aligned key frames.
+KEY_GAP = 2 * window.STRIDE - 1 - window.ALIGN_FRAMES  # 41
+RING_SLOTS = 1 + KEY_GAP
+
+
+class StreamState(NamedTuple):
+    """What a stream carries from one frame to the next.
+
+    ring: 8 arrays ``[1, RING_SLOTS, S, D]`` (2 per temporal layer), per-frame normed hidden states.
+    step: int32 scalar, the index of the next frame.
+    """
+
+    ring: Cache
+    step: jax.Array
+
+
+def context_frames(step: jax.Array) -> jax.Array:
+    """Indices of the past frames frame ``step`` (>= 1) attends over, in order: int32 ``[31]``."""
+    step = jnp.asarray(step, jnp.int32)
+    key = jnp.maximum(step - KEY_GAP, 0)
+    recent = jnp.maximum(step - jnp.arange(RECENT_FRAMES, 0, -1, dtype=jnp.int32), 0)
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), key[None], recent])
+
+
+def ring_slot(frame: jax.Array) -> jax.Array:
+    """The ring slot holding frame ``frame``'s hidden states."""
+    return jnp.where(frame == 0, 0, 1 + (frame - 1) % KEY_GAP).astype(jnp.int32)
+
+
+def read_context(ring: Cache, step: jax.Array) -> Cache:
+    """The states frame ``step`` attends over: ``[B, RING_SLOTS, ...]`` -> ``[B, 31, ...]`` each."""
+    slots = ring_slot(context_frames(step))
+    return tuple(jnp.take(r, slots, axis=1) for r in ring)
+
+
+def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
+    """Stores frame ``step``'s states (``[B, 1, ...]`` each) in its slot."""
+    slot = ring_slot(step)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(r, s.astype(r.dtype), slot, axis=1)
+                 for r, s in zip(ring, states))
+
+
+def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[int, int],
+                 cache: Cache | None) -> tuple[jax.Array, Cache]:
+    """uint8 ``[H, W, 3]`` -> float32 depth ``[H, W]`` and the frame's states (8 ``[1, 1, S, D]``)."""
+    features = model.encode(preprocess(frame[None], net_size))
+    depth, states = model.decode(features, 1, net_size, cache)
+    depth = resize_bilinear_align_corners(depth[0, 0].astype(jnp.float32), frame.shape[:2], axes=(0, 1))
+    return depth, states
+
+
+def start_stream(model: VideoDepthAnything, frame: jax.Array,
+                 net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
+    """Depth of a stream's first frame (alone) and the ring seeded with its states in every slot."""
+    depth, states = _frame_depth(model, frame, net_size, None)
+    ring = tuple(jnp.broadcast_to(s, (s.shape[0], RING_SLOTS, *s.shape[2:])) for s in states)
+    return StreamState(ring, jnp.ones((), jnp.int32)), depth
+
+
+def stream_step(model: VideoDepthAnything, state: StreamState, frame: jax.Array,
+                net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
+    """Depth of the next frame (uint8 ``[H, W, 3]`` -> float32 ``[H, W]``); stores its states."""
+    depth, states = _frame_depth(model, frame, net_size, read_context(state.ring, state.step))
+    ring = write_frame(state.ring, state.step, states)
+    return StreamState(ring, state.step + 1), depth
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef: nnx.GraphDef, net_size: tuple[int, int]):
+    """Jitted (start, step) for one model graph and network size; shapes key their own traces."""
+
+    def start(params, frame):
+        return start_stream(nnx.merge(graphdef, params), frame, net_size)
+
+    def step(params, state, frame):
+        return stream_step(nnx.merge(graphdef, params), state, frame, net_size)
+
+    return jax.jit(start), jax.jit(step, donate_argnums=1)
+
+
+class StreamingDepth:
+    """Depth of a live video, one frame at a time, as the official ``infer_video_depth_one``.
+
+    The first frame fixes the frame size and the network input size (the official
+    aspect and multiple-of-14 rule); later frames must share that size until
+    ``reset()``. Each depth depends only on the frames before it.
+    """
+
+    def __init__(self, model: VideoDepthAnything, input_size: int = 518, precision: str | None = None):
+        precision = precision or default_precision()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        self._graphdef, self._params = nnx.split(with_compute_dtype(model, PRECISIONS[precision]))
+        self.input_size = input_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the stream: the next frame starts a new one (of any size)."""
+        self.frame_size: tuple[int, int] | None = None
+        self._state: StreamState | None = None
+
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """uint8 RGB ``[H, W, 3]`` -> float32 depth ``[H, W]`` (relative: larger is nearer)."""
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {frame.dtype} {frame.shape}")
+        if self._state is None:
+            start, self._step = _compiled(self._graphdef, network_size(frame.shape[:2], self.input_size))
+            self._state, depth = start(self._params, frame)
+            self.frame_size = frame.shape[:2]
+        elif frame.shape[:2] != self.frame_size:
+            raise ValueError(f"frame is {frame.shape[0]}x{frame.shape[1]} but the stream started at "
+                             f"{self.frame_size[0]}x{self.frame_size[1]}; resize it or call reset() first")
+        else:
+            self._state, depth = self._step(self._params, self._state, frame)
+        return np.asarray(depth)
+
+
+def stream_depth(model: VideoDepthAnything, frames: Iterable[np.ndarray], *, input_size: int = 518,
+                 precision: str | None = None) -> Iterator[np.ndarray]:
+    """Yields each frame's depth (float32 ``[H, W]``) as soon as the frame arrives, e.g. from a camera."""
+    stream = StreamingDepth(model, input_size, precision)
+    for frame in frames:
+        yield stream.step(frame)
