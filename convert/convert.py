@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from vda_jax.convert.keymap import plan_conversion, transform_value
+from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax.checkpoint import abstract_model, flat_shapes, save_model
 from vda_jax.config import ENCODERS, ModelConfig, config_from_json, model_config
-from vda_jax.convert.keymap import plan_conversion, transform_value
-from vda_jax.convert.readers import read_checkpoint
 from vda_jax.models.dpt import DPTHead
 from vda_jax.models.vda import VideoDepthAnything
 

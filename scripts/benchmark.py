@@ -125,7 +125,8 @@ tr.Compose = Compose; tv.transforms = tr
 sys.modules['torchvision'] = tv; sys.modules['torchvision.transforms'] = tr
 from benchmark import generated_frames, peak_rss_mb
 from video_depth_anything.video_depth import VideoDepthAnything
-cfg = dict(vits=dict(features=64, out_channels=[48, 96, 192, 384]), vitb=dict(features=128, out_channels=[96, 192, 384, 768]),
+cfg = dict(vits=dict(features=64, out_channels=[48, 96, 192, 384]),
+           vitb=dict(features=128, out_channels=[96, 192, 384, 768]),
            vitl=dict(features=256, out_channels=[256, 512, 1024, 1024]))[{args.encoder!r}]
 torch.manual_seed(0)
 model = VideoDepthAnything(encoder={args.encoder!r}, **cfg).eval()

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from vda_jax.convert.convert import detect_config
+from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
 
 from vda_jax import cli
 from vda_jax.checkpoint import abstract_model, count_params, flat_shapes, load_checkpoint
 from vda_jax.config import model_config
-from vda_jax.convert.convert import detect_config
-from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 import pytest
-
-from vda_jax.config import ModelConfig
 from vda_jax.convert.convert import convert_state_dict
 from vda_jax.convert.readers import read_checkpoint
+
+from vda_jax.config import ModelConfig
 from vda_jax.inference import video, window
 from vda_jax.inference.preprocess import network_size
 from vda_jax.models.vda import VideoDepthAnything

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from vda_jax.config import config_from_json
 from vda_jax.convert.convert import convert_state_dict
 from vda_jax.convert.readers import read_checkpoint
+
+from vda_jax.config import config_from_json
 from vda_jax.models.temporal import TemporalAttention, TemporalModule, sinusoidal_table
 
 
@@ -65,7 +65,7 @@ def test_rejects_bad_shapes(tiny_model):
 
 def test_sinusoidal_table_closed_form():
     table = sinusoidal_table(5, 6)
-    pos, i = 3, 2  # channel pair (4, 5)
+    pos = 3  # channel pair (4, 5) has frequency 10000 ** (-4 / 6)
     freq = 10000.0 ** (-4 / 6)
     np.testing.assert_allclose(table[pos, 4], np.sin(pos * freq), rtol=1e-6)
     np.testing.assert_allclose(table[pos, 5], np.cos(pos * freq), rtol=1e-6)

@@ -19,7 +19,8 @@ def test_pos_embed_interpolation_matches_torch_bicubic_by_scale(ref, size):
     table = np.concatenate([np.full((1, 4), 7.0, np.float32), grid.reshape(-1, 4)])
     out = np.asarray(interpolate_pos_embed(jnp.asarray(table), *size, offset=0.1))
     np.testing.assert_array_equal(out[0], table[0])  # the cls position is kept
-    np.testing.assert_allclose(out[1:].reshape(*size, 4), ref[f"torch_bicubic_{size[0]}x{size[1]}"], atol=3e-6, rtol=1e-6)
+    expected = ref[f"torch_bicubic_{size[0]}x{size[1]}"]
+    np.testing.assert_allclose(out[1:].reshape(*size, 4), expected, atol=3e-6, rtol=1e-6)
 
 
 def test_pos_embed_at_native_grid_is_unchanged(ref):

@@ -90,7 +90,8 @@ def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads ``DIR/config.json``: the model config and the rest of the metadata."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        hint = " (convert official .pth files with `vda-jax convert`)" if str(path).endswith((".pth", ".safetensors")) else ""
+        official = str(path).endswith((".pth", ".safetensors"))
+        hint = " (convert official .pth files with `vda-jax convert`)" if official else ""
         raise CheckpointFormatError(f"{path} is not a vda-jax model directory: no config.json{hint}")
     try:
         with open(config_path) as f:

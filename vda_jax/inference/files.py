@@ -125,7 +125,8 @@ class VideoOutputs:
 
 def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
                 input_size: int = 518, precision: str | None = None, batch_size: int = 1,
-                streaming: bool = False, progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[str]:
+                streaming: bool = False, progress: bool = True,
+                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[str]:
     """Writes depth outputs for every source; returns the sources that failed (each logged in one line)."""
     names = [os.path.basename(output_paths(s, options)["src"]) for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -82,11 +82,16 @@ def apply_taps(x: jax.Array, taps: Taps, axis: int) -> jax.Array:
     """Resizes ``x`` along ``axis`` with precomputed ``taps``; other axes untouched."""
     idx, weights = taps
     axis = axis % x.ndim
-    gathered = jnp.take(x, jnp.asarray(idx), axis=axis)  # axis -> (out, K)
-    shape = [1] * gathered.ndim
-    shape[axis], shape[axis + 1] = weights.shape
-    w = jnp.asarray(weights, dtype=jnp.promote_types(x.dtype, jnp.float32)).reshape(shape)
-    return jnp.sum(gathered * w, axis=axis + 1).astype(x.dtype)
+    shape = [1] * x.ndim
+    shape[axis] = len(idx)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    out = jnp.zeros((), dtype)
+    # One whole-slice gather per tap: XLA's CPU gather is far faster on a 1-D index list
+    # than on an [out, K] index array.
+    for k in range(idx.shape[1]):
+        tap = jnp.take(x, jnp.asarray(idx[:, k]), axis=axis).astype(dtype)
+        out = out + tap * jnp.asarray(weights[:, k]).reshape(shape)
+    return out.astype(x.dtype)
 
 
 def _resize_2d(x: jax.Array, size: tuple[int, int], axes: tuple[int, int], make_taps) -> jax.Array:
