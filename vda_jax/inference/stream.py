@@ -12,7 +12,8 @@ slot 0 keeps frame 0, frame ``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The
 frames ``k - 41 .. k - 1`` a step may read occupy 41 distinct slots, and frame
 ``k`` overwrites frame ``k - 41``, its last reader. The gather indices follow
 from a step counter carried on the device, so the step compiles once per frame
-size (plus once for the seeding first frame) and never retraces.
+size (plus once for the seeding first frame) and never retraces; the ring is
+donated from step to step, so it is updated in place.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ class StreamingDepth:
         """Forgets the stream: the next frame starts a new one (of any size)."""
         self.frame_size: tuple[int, int] | None = None
         self._state: StreamState | None = None
+        self._step = None
 
     def step(self, frame: np.ndarray) -> np.ndarray:
-        """uint8 RGB ``[H, W, 3]`` -> float32 depth ``[H, W]`` (relative: larger is nearer)."""
+        """uint8 RGB ``[H, W, 3]`` -> float32 depth ``[H, W]`` (relative: larger is nearer; metric: metres)."""
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {frame.dtype} {frame.shape}")
