@@ -29,9 +29,9 @@ from flax import nnx
 
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size, preprocess
-from vda_jax.inference.video import PRECISIONS, default_precision
+from vda_jax.inference.video import compute_model
 from vda_jax.models.temporal import Cache
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
 CONTEXT_FRAMES = window.WINDOW_FRAMES - 1  # 31 past frames per new frame
@@ -125,10 +125,7 @@ class StreamingDepth:
     """
 
     def __init__(self, model: VideoDepthAnything, input_size: int = 518, precision: str | None = None):
-        precision = precision or default_precision()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
-        self._graphdef, self._params = nnx.split(with_compute_dtype(model, PRECISIONS[precision]))
+        self._graphdef, self._params = nnx.split(compute_model(model, precision))
         self.input_size = input_size
         self.reset()
 

@@ -57,6 +57,14 @@ def default_precision() -> str:
     return "fp32" if jax.default_backend() == "cpu" else "bf16"
 
 
+def compute_model(model: VideoDepthAnything, precision: str | None) -> VideoDepthAnything:
+    """``model`` computing at ``precision`` ("fp32", "bf16"; None: the device's default)."""
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    return with_compute_dtype(model, PRECISIONS[precision])
+
+
 def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FRAMES) -> Iterator[np.ndarray]:
     """Iterates ``frames`` in a background thread, ``depth`` frames ahead; re-raises its errors here."""
     buffer: queue.Queue = queue.Queue(maxsize=depth)
@@ -267,7 +275,7 @@ def run_videos(model: VideoDepthAnything, frame_size: tuple[int, int], jobs: Ite
     ``[n, H, W]`` in order. A video that fails to read goes to ``on_error``
     (default: raise) and the others go on.
     """
-    model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
+    model = compute_model(model, precision)
     runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots)
     _run_group(runner, iter(jobs), on_frames, on_error)
 
