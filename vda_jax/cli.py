@@ -32,6 +32,32 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_convert)
 
 
+def _train(args: argparse.Namespace) -> int | None:
+    from vda_jax.train.config import load_config
+    from vda_jax.train.loop import NonFiniteLossError, train
+
+    try:
+        train(load_config(args.config, args.overrides), args.workdir)
+    except NonFiniteLossError as e:
+        print(f"vda-jax train: error: {e}", file=sys.stderr)
+        return 1
+    return None
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (or fine-tune) a model; resumes from the workdir",
+                       description="Train Video Depth Anything on one or many devices (and hosts). Running "
+                                   "again with the same workdir resumes from its latest checkpoint; Ctrl-C "
+                                   "saves a checkpoint and stops.")
+    p.add_argument("--config", required=True,
+                   help="config file defining get_config(), e.g. configs/train/synthetic_tiny.py or "
+                        "configs/train/paper.py:vitl")
+    p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics.jsonl and the final model")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides as Python literals, e.g. optimizer.lr=3e-4 data.crop_size=(56,56)")
+    p.set_defaults(handler=_train)
+
+
 def _infer(args: argparse.Namespace) -> int:
     from vda_jax.inference import files
     from vda_jax.io.video import expand_inputs
@@ -79,6 +105,62 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_infer)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from vda_jax.eval import runner
+
+    dataset, _, split = args.dataset.partition(":")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    report = runner.evaluate(_load_model(args.checkpoint), dataset, split or "test", data_dir=args.data_dir,
+                             max_frames=args.max_frames, input_size=args.input_size, precision=args.precision,
+                             strategy=args.strategy, progress=not args.quiet)
+    print(runner.format_table(report))
+    if args.output:
+        runner.write_json(report, args.output)
+        print(f"wrote {args.output}")
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from vda_jax.eval.strategies import STRATEGIES
+
+    p = sub.add_parser("eval", help="AbsRel, delta1, RMSE and TAE of a model on a dataset",
+                       description="Runs the long-video inference on every video of a dataset built by "
+                                   "vda_jax.data.builders and scores it as the official benchmark does.")
+    p.add_argument("--checkpoint", help="model directory (default: the bundled demo model)")
+    p.add_argument("--dataset", required=True, help="NAME[:split], e.g. vda_synthetic:test or vda_benchmark/kitti")
+    p.add_argument("--data-dir", help="tensorflow-datasets data directory")
+    p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
+    p.add_argument("--output", help="also write the report as JSON")
+    p.add_argument("--input-size", type=_positive_int, default=518)
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--strategy", choices=tuple(STRATEGIES), default="full",
+                   help="window strategy (the paper's Table 5): full is the released method")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_eval)
+
+
+def _pseudo_label(args: argparse.Namespace) -> None:
+    from vda_jax.data.pseudo_label import pseudo_label
+
+    count = pseudo_label(_load_model(args.checkpoint), args.images, args.output, input_size=args.input_size,
+                         precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"labelled {count} new image(s); {args.output} is a source folder for the vda_pseudo_labels builder")
+
+
+def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pseudo-label", help="label an image folder with a teacher model (T = 1)",
+                       description="Writes teacher depth for every image (resumable: labelled images are "
+                                   "skipped) in the layout of the vda_pseudo_labels dataset builder.")
+    p.add_argument("images", help="folder of images (searched recursively)")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--checkpoint", help="teacher model directory (default: the bundled demo model)")
+    p.add_argument("--input-size", type=_positive_int, default=518)
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_pseudo_label)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -105,7 +187,8 @@ def _load_model(checkpoint: str | None):
     return load_checkpoint(checkpoint)
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_infer]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_convert, _add_infer, _add_train, _add_eval, _add_pseudo_label]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,9 +39,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vda_jax.data import files
-from vda_jax.data import layouts
-from vda_jax.data import synthetic
+from vda_jax.data import files, layouts, synthetic
 
 _NO_K = np.full((3, 3), np.nan, np.float32)
 _NO_POSE = np.full((4, 4), np.nan, np.float32)

@@ -29,18 +29,20 @@ def _multiple_at_least(x: float, minimum: int) -> int:
     return int(np.ceil(x / MULTIPLE) * MULTIPLE) if y < minimum else y
 
 
-def network_size(frame_size: tuple[int, int], input_size: int = 518) -> tuple[int, int]:
+def network_size(frame_size: tuple[int, int], input_size: int = 518, *,
+                 limit_aspect: bool = True) -> tuple[int, int]:
     """Network input (height, width) for frames of ``frame_size``.
 
-    Keeps the aspect ratio with the short side scaled to at least ``input_size``
-    (after the aspect rule), both sides rounded to multiples of 14.
+    Keeps the aspect ratio with the short side scaled to at least ``input_size``,
+    both sides rounded to multiples of 14. ``limit_aspect`` applies the video
+    pipeline's rule for frames wider than 1.78 (Depth Anything V2's image path has none).
     """
     height, width = frame_size
     if height < 1 or width < 1:
         raise ValueError(f"frame size {frame_size} is empty")
     if input_size < MULTIPLE:
         raise ValueError(f"input_size {input_size} must be at least {MULTIPLE}")
-    size = effective_input_size(frame_size, input_size)
+    size = effective_input_size(frame_size, input_size) if limit_aspect else input_size
     scale = max(size / height, size / width)
     return _multiple_at_least(scale * height, size), _multiple_at_least(scale * width, size)
 
