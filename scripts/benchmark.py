@@ -142,6 +142,14 @@ print(json.dumps(dict(frames=len(depth), seconds=round(s, 2), fps=round(len(dept
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _child(args, mode: str, frames: int) -> dict:
+    """Runs one measurement in a fresh process, so each starts from the same memory and compile state."""
+    cmd = [sys.executable, __file__, "--only", mode, "--frames", str(frames), "--repeats", str(args.repeats)] + [
+        a for k in ("encoder", "input_size", "height", "width", "precision")
+        for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="vits", choices=("vits", "vitb", "vitl"))
@@ -158,19 +166,15 @@ def main() -> None:
     parser.add_argument("--only", choices=("step", "video"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.only == "video":  # child process of the RSS measurement
-        print(json.dumps(measure_video(args, args.frames)))
+    if args.only:  # a child process of main()
+        print(json.dumps(measure_step(args) if args.only == "step" else measure_video(args, args.frames)))
         return
     report = {"encoder": args.encoder, "input_size": args.input_size, "frame_size": [args.height, args.width],
-              "precision": args.precision, "step": measure_step(args)}
+              "precision": args.precision, "step": _child(args, "step", 0)}
     print(json.dumps(report["step"]), flush=True)
     for frames in sorted({args.frames, *args.rss_frames}):
-        cmd = [sys.executable, __file__, "--only", "video", "--frames", str(frames)] + [
-            a for k in ("encoder", "input_size", "height", "width", "precision")
-            for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-        result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-        report[f"video_{frames}"] = result
-        print(json.dumps(result), flush=True)
+        report[f"video_{frames}"] = _child(args, "video", frames)
+        print(json.dumps(report[f"video_{frames}"]), flush=True)
     if args.official:
         report["official"] = measure_official(args)
         print(json.dumps(report["official"]), flush=True)

@@ -18,6 +18,19 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention, ``[B, N, heads, D]`` layouts, scale ``D ** -0.5``.
+
+    On CPU two einsums are ~25% faster than ``jax.nn.dot_product_attention``'s XLA
+    path; elsewhere that function can use fused (cuDNN) kernels.
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
            use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype, conv, gelu, layer_norm, linear
+from vda_jax.models.layers import Dtype, attention, conv, gelu, layer_norm, linear
 from vda_jax.ops.resize import resize_torch_bicubic_by_scale
 
 _LN_EPS = 1e-6
@@ -26,7 +26,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.reshape(b, n, d))
 
 
