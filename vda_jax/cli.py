@@ -36,8 +36,10 @@ def _train(args: argparse.Namespace) -> int | None:
     from vda_jax.train.config import load_config
     from vda_jax.train.loop import NonFiniteLossError, train
 
+    config = load_config(args.config, args.overrides)
+    _enable_compilation_cache()  # a resumed run skips recompiling its steps
     try:
-        train(load_config(args.config, args.overrides), args.workdir)
+        train(config, args.workdir)
     except NonFiniteLossError as e:
         print(f"vda-jax train: error: {e}", file=sys.stderr)
         return 1
@@ -59,17 +61,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from vda_jax.assets import SAMPLE_VIDEO
     from vda_jax.inference import files
     from vda_jax.io.video import expand_inputs
 
     _enable_compilation_cache()
-    sources = expand_inputs(args.inputs)
-    model = _load_model(args.checkpoint)
+    sources = expand_inputs(args.inputs + ([SAMPLE_VIDEO] if args.sample else []))
+    if not sources:
+        raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
+    model, input_size = _load_model(args.checkpoint)
     options = files.OutputOptions(args.output_dir, grayscale=args.grayscale, save_npz=args.save_npz,
                                   save_exr=args.save_exr, save_ply=args.save_ply,
                                   focal_length=(args.focal_length_x, args.focal_length_y), overwrite=args.overwrite)
     read = files.ReadOptions(max_res=args.max_res, max_len=args.max_len, target_fps=args.target_fps)
-    failed = files.infer_files(model, sources, options, read, input_size=args.input_size, precision=args.precision,
+    failed = files.infer_files(model, sources, options, read, input_size=args.input_size or input_size,
+                               precision=args.precision,
                                batch_size=args.batch_size, streaming=args.streaming, progress=not args.quiet)
     done = len(sources) - len(failed)
     print(f"{done}/{len(sources)} videos written to {args.output_dir}" + (f"; {len(failed)} failed" if failed else ""))
@@ -81,11 +87,13 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
                        description="Consistent depth for videos of any length (the official sliding-window "
                                    "algorithm), many videos per compiled step; writes <name>_src.mp4, "
                                    "<name>_vis.mp4 and the requested raw outputs.")
-    p.add_argument("inputs", nargs="+", help="video files, folders (of videos, or of images), globs, "
+    p.add_argument("inputs", nargs="*", help="video files, folders (of videos, or of images), globs, "
                                              "printf patterns such as frames/%%05d.png")
+    p.add_argument("--sample", action="store_true", help="also process the bundled sample video")
     p.add_argument("--checkpoint", help="model directory from `vda-jax convert` (default: the bundled demo model)")
     p.add_argument("--output-dir", default="./outputs")
-    p.add_argument("--input-size", type=_positive_int, default=518, help="network input short side")
+    p.add_argument("--input-size", type=_positive_int,
+                   help="network input short side (default: the checkpoint's, else 518)")
     p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
     p.add_argument("--max-len", type=int, default=-1, help="at most this many frames (-1: all)")
     p.add_argument("--target-fps", type=float, default=-1, help="subsample to about this frame rate (-1: keep)")
@@ -111,8 +119,10 @@ def _eval(args: argparse.Namespace) -> None:
     dataset, _, split = args.dataset.partition(":")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    report = runner.evaluate(_load_model(args.checkpoint), dataset, split or "test", data_dir=args.data_dir,
-                             max_frames=args.max_frames, input_size=args.input_size, precision=args.precision,
+    model, input_size = _load_model(args.checkpoint)
+    report = runner.evaluate(model, dataset, split or "test", data_dir=args.data_dir,
+                             max_frames=args.max_frames, input_size=args.input_size or input_size,
+                             precision=args.precision,
                              strategy=args.strategy, progress=not args.quiet)
     print(runner.format_table(report))
     if args.output:
@@ -131,7 +141,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="tensorflow-datasets data directory")
     p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
     p.add_argument("--output", help="also write the report as JSON")
-    p.add_argument("--input-size", type=_positive_int, default=518)
+    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--strategy", choices=tuple(STRATEGIES), default="full",
                    help="window strategy (the paper's Table 5): full is the released method")
@@ -142,7 +152,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _pseudo_label(args: argparse.Namespace) -> None:
     from vda_jax.data.pseudo_label import pseudo_label
 
-    count = pseudo_label(_load_model(args.checkpoint), args.images, args.output, input_size=args.input_size,
+    model, input_size = _load_model(args.checkpoint)
+    count = pseudo_label(model, args.images, args.output, input_size=args.input_size or input_size,
                          precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
     print(f"labelled {count} new image(s); {args.output} is a source folder for the vda_pseudo_labels builder")
 
@@ -154,7 +165,7 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--checkpoint", help="teacher model directory (default: the bundled demo model)")
-    p.add_argument("--input-size", type=_positive_int, default=518)
+    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -178,13 +189,15 @@ def _enable_compilation_cache() -> None:
 
 
 def _load_model(checkpoint: str | None):
-    from vda_jax.checkpoint import load_checkpoint
+    """The model and its default input size (the checkpoint's own, else 518)."""
+    from vda_jax.checkpoint import load_checkpoint, read_config
 
     if checkpoint is None:
         from vda_jax.assets import bundled_model_dir
 
         checkpoint = bundled_model_dir()
-    return load_checkpoint(checkpoint)
+    _, info = read_config(checkpoint)
+    return load_checkpoint(checkpoint), int(info.get("input_size", 518))
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
