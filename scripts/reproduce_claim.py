@@ -98,7 +98,7 @@ def main() -> None:
     temporal, temporal_s = train_model(os.path.join(args.workdir, "temporal"), args.steps, [])
     # Same frames per step: batch * clip_frames one-frame clips.
     per_frame, per_frame_s = train_model(os.path.join(args.workdir, "per_frame"), args.steps,
-                                         ["data.clip_frames=1", f"batch_size={batch * clip_frames}"])
+                                         ["data.clip_frames=1", f"batch_size={batch * clip_frames}", "eval.every=0"])
 
     results: dict[str, list] = {"per_frame": [], "ground_truth": [], **{s: [] for s in STRATEGIES}}
     height, width = 128, 160

@@ -1,0 +1,213 @@
+"""Training configuration: the schema with its defaults, config files and ``key=value`` overrides.
+
+A config file is a Python file whose ``get_config()`` returns ``default_config()`` with some
+fields changed (see ``configs/train/``). Every field is listed here, with its meaning, so a
+config can only set fields that exist and overrides are type-checked against them.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from ml_collections import config_dict
+
+from vda_jax.config import ENCODERS, ModelConfig, model_config
+from vda_jax.data.pipeline import DataConfig
+from vda_jax.train.sharding import TENSOR_RULES
+
+
+def default_config() -> config_dict.ConfigDict:
+    """Every training setting with its default."""
+    c = config_dict.ConfigDict()
+    c.seed = 0  # parameters of a model trained from scratch, and the data order
+    # The architecture: {"name": "vits" | "vitb" | "vitl" | "vitg" (optionally "-metric")}, or
+    # {"name": "custom", **ModelConfig fields}. A checkpoint given in init_from must match it.
+    c.model = config_dict.ConfigDict({"name": "vits"})
+    # Initial weights: "" (random), a vda-jax model directory, or an official Video Depth
+    # Anything / Depth Anything V2 .pth or .safetensors file (image models get identity
+    # temporal layers). Only used when the workdir holds no checkpoint yet.
+    c.init_from = ""
+    c.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; parameters stay float32
+    c.train_encoder = False  # False: only the head trains and the encoder runs outside autodiff
+    c.remat = ""  # "" (off) or a policy of vda_jax.train.step.REMAT_POLICIES, per trained stage
+
+    c.total_steps = 10_000
+    c.batch_size = 16  # video clips per step, over all processes
+    c.image_batch_size = 16  # images per image batch (data.image_ratio > 0), over all processes
+
+    c.optimizer = config_dict.ConfigDict(dict(
+        lr=1e-4,  # peak learning rate of the head
+        temporal_lr=config_dict.placeholder(float),  # the temporal layers' (None: lr)
+        encoder_lr=1e-5,  # the encoder's, when train_encoder
+        warmup_steps=500,  # linear warm-up from 0, then cosine decay to end_lr_ratio * peak
+        end_lr_ratio=0.0,
+        weight_decay=0.01,  # decoupled (AdamW), on kernels only
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=1.0,  # global gradient norm clip (0: off)
+    ))
+    c.loss = config_dict.ConfigDict(dict(
+        alpha=0.5,  # weight of the spatial gradient matching term
+        scales=4,  # its number of scales
+        trim=0.0,  # fraction of the largest residuals dropped
+        stable_scale=10.0,  # weight of the temporal gradient matching term
+    ))
+    # The input pipeline (vda_jax.data.pipeline.DataConfig without the batch sizes and seed,
+    # which come from above).
+    defaults = DataConfig()
+    c.data = config_dict.ConfigDict(dict(
+        video_dataset=defaults.video_dataset,
+        video_split=defaults.video_split,
+        image_dataset=config_dict.placeholder(str),
+        image_split=defaults.image_split,
+        data_dir=config_dict.placeholder(str),  # None: TFDS's default, or workdir/data for `synthetic`
+        clip_frames=defaults.clip_frames,
+        clip_stride=defaults.clip_stride,
+        clip_hop=defaults.clip_hop,
+        crop_size=defaults.crop_size,
+        max_scale=defaults.max_scale,
+        flip_prob=defaults.flip_prob,
+        color_jitter=defaults.color_jitter,
+        image_ratio=defaults.image_ratio,
+        read_threads=defaults.read_threads,
+        prefetch_batches=defaults.prefetch_batches,
+    ))
+    # Renders this synthetic dataset (vda_jax.data.builders.SyntheticConfig fields, with its
+    # `name`) into data_dir before training, once; data.video_dataset must be
+    # "vda_synthetic/<name>". None: use prepared datasets only.
+    c.synthetic = config_dict.placeholder(config_dict.ConfigDict)
+
+    # Devices: a (data, fsdp, tensor) mesh; -1 takes the devices left over.
+    c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = config_dict.ConfigDict(dict(
+        # Arrays smaller than this stay replicated rather than fsdp-sharded.
+        min_fsdp_size=2**14,
+        # (regex on the dotted variable path, mesh axis per dimension); first match wins.
+        tensor_rules=TENSOR_RULES,
+    ))
+
+    c.eval = config_dict.ConfigDict(dict(
+        every=1000,  # steps between evaluations (0: never)
+        split="validation",  # of data.video_dataset
+        max_batches=8,  # batches per evaluation (0: the whole split)
+    ))
+    c.checkpoint = config_dict.ConfigDict(dict(
+        every=1000,  # steps between checkpoints (evaluations also checkpoint)
+        keep=3,  # latest checkpoints kept, besides the best
+        best_metric="val_abs_rel",  # an evaluation metric; its best checkpoint is kept
+        best_mode="min",  # "min" or "max"
+    ))
+    c.log_every = 50
+    c.progress_bar = True
+    return c
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+    """Runs a config file's ``get_config()`` and applies ``key=value`` overrides.
+
+    Args:
+      path: a Python file; ``FILE.py:ARG`` calls ``get_config(ARG)`` (e.g. a model size).
+      overrides: ``dotted.key=value`` items.
+
+    Raises:
+      ValueError: the file is missing or has no ``get_config``, or an override names an
+        unknown key or has a value of the wrong type.
+    """
+    path, sep, arg = path.rpartition(":") if ":" in os.path.basename(path) else (path, "", "")
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_vda_train_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    config = module.get_config(arg) if sep else module.get_config()
+    if not isinstance(config, config_dict.ConfigDict):
+        raise ValueError(f"{path}: get_config() must return an ml_collections ConfigDict, "
+                         f"got {type(config).__name__}")
+    config.lock()
+    apply_overrides(config, overrides)
+    return config
+
+
+def _keys(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, config_dict.ConfigDict):
+            keys.extend(_keys(value, f"{prefix}{name}."))
+    return keys
+
+
+def _unknown_key(config: config_dict.ConfigDict, key: str) -> ValueError:
+    close = difflib.get_close_matches(key, _keys(config), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see vda_jax/train/config.py for the keys"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def _parse(key: str, text: str, current: Any) -> Any:
+    """``text`` as a value of the type of ``current`` (None means any type)."""
+    expected = type(current)
+    if expected is str and text != "None":
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # an unquoted word: only valid where a string is expected
+    if value is None and current is None:
+        return None
+    if isinstance(value, list):
+        value = tuple(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and (type(value) is not expected):
+        raise ValueError(f"config key {key!r} holds {expected.__name__} values (now {current!r}); "
+                         f"cannot set it to {text!r}")
+    return value
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: Sequence[str]) -> None:
+    """Sets ``dotted.key=value`` items in place; values are Python literals of the key's type."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. optimizer.lr=1e-4")
+        *parents, name = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, config_dict.ConfigDict) else None
+            if not isinstance(node, config_dict.ConfigDict):
+                raise _unknown_key(config, key)
+        if name not in node:
+            raise _unknown_key(config, key)
+        if isinstance(node[name], config_dict.ConfigDict):
+            raise ValueError(f"config key {key!r} is a group; set its fields as {key}.FIELD=VALUE "
+                             f"(fields: {', '.join(node[name].keys())})")
+        node[name] = _parse(key, text, node[name])
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """``config.dtype`` ("float32" or "bfloat16") as a dtype."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {list(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def model_config_from(model: config_dict.ConfigDict) -> ModelConfig:
+    """The architecture described by ``config.model``."""
+    fields = dict(model)
+    name = fields.pop("name", None)
+    if name == "custom":
+        return ModelConfig(encoder="custom", **fields)
+    if name is None or name.partition("-")[0] not in ENCODERS:
+        raise ValueError(f"model.name must be one of {list(ENCODERS)} (optionally with '-metric') "
+                         f"or 'custom', got {name!r}")
+    return model_config(name, **fields)

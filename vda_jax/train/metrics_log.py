@@ -1,0 +1,51 @@
+"""``metrics.jsonl``: the training log, one JSON object per logged step or evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import jax
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replaces ``path`` with ``text`` in one step (a reader sees the old or the new file)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # e.g. a line cut short by a killed process
+        return None
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, written by process 0 only.
+
+    Opening it for a run resumed at ``step`` drops the records of later steps, which the
+    interrupted run logged after its last checkpoint and the resumed run will log again (and
+    any line a killed process left unfinished).
+    """
+
+    def __init__(self, path: str, step: int):
+        self.path = path
+        self._enabled = jax.process_index() == 0
+        if self._enabled and os.path.exists(path):
+            with open(path) as f:
+                kept = [line.rstrip("\n") + "\n" for line in f if (s := _step(line)) is not None and s <= step]
+            write_atomic(path, "".join(kept))
+
+    def write(self, record: Mapping[str, float]) -> None:
+        if self._enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

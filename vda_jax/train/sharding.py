@@ -1,0 +1,152 @@
+"""Device mesh, placement rules for parameters and optimizer state, and batch sharding.
+
+The mesh has three axes: ``data`` (batch only), ``fsdp`` (batch, and every large array
+split along its largest dimension that the axis divides) and ``tensor`` (dimensions chosen
+by regex rules on the variable path, Megatron style). Optimizer moments live under paths
+that end with their parameter's path, so the same rules place them like their parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex searched in the dotted variable path, mesh axis or None for each dimension).
+Rule = tuple[str, Sequence[str | None]]
+
+# Megatron-style tensor parallelism for the ViT and the temporal layers: the first matmul of
+# each pair is split over its output features, the second over its input features.
+TENSOR_RULES: tuple[Rule, ...] = (
+    (r"attn\.qkv\.kernel$", (None, "tensor")),
+    (r"attn\.qkv\.bias$", ("tensor",)),
+    (r"attn\.proj\.kernel$", ("tensor", None)),
+    (r"mlp\.fc1\.kernel$", (None, "tensor")),
+    (r"mlp\.fc1\.bias$", ("tensor",)),
+    (r"mlp\.fc2\.kernel$", ("tensor", None)),
+    (r"to_[qkv]\.kernel$", (None, "tensor")),
+    (r"to_out\.kernel$", ("tensor", None)),
+    (r"ff\.proj\.kernel$", (None, "tensor")),
+    (r"ff\.proj\.bias$", ("tensor",)),
+    (r"ff\.out\.kernel$", ("tensor", None)),
+)
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process run when the launcher describes one.
+
+    Either ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are set,
+    or a SLURM / Open MPI launch with more than one task (JAX reads those itself). A single
+    process does nothing.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            num_processes, process_id = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as e:
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set, so JAX_NUM_PROCESSES and JAX_PROCESS_ID must be "
+                             "integers too") from e
+        jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes (data, fsdp, tensor) must be positive with at most one -1, got {tuple(sizes)}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into a mesh of {tuple(sizes)}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but there are "
+                         f"{len(devices)}; set one of mesh.data/fsdp/tensor to -1")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Rule] = (),
+                   min_fsdp_size: int = 0) -> P:
+    """Where an array of ``shape`` at the dotted ``path`` lives.
+
+    The first rule whose regex matches assigns mesh axes to dimensions (an axis that does not
+    divide its dimension is dropped); then, for arrays of at least ``min_fsdp_size``
+    elements, the largest dimension still free that ``fsdp`` divides is split over ``fsdp``.
+    """
+    spec: list[str | None] = [None] * len(shape)
+    for pattern, axes in rules:
+        if re.search(pattern, path):
+            if len(axes) != len(shape):
+                raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes for {path} of shape "
+                                 f"{tuple(shape)}")
+            spec = [a if a is None or dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape)]
+            break
+    fsdp = mesh.shape["fsdp"]
+    if fsdp > 1 and math.prod(shape) >= min_fsdp_size:
+        free = [i for i, dim in enumerate(shape) if spec[i] is None and dim % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda i: shape[i])] = "fsdp"
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[Rule] = (), min_fsdp_size: int = 0) -> nnx.State:
+    """A ``NamedSharding`` for every variable of ``state`` (arrays or ``ShapeDtypeStruct``)."""
+    flat = []
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.get_value()
+        if hasattr(value, "shape"):  # not an array-free placeholder such as optax's MaskedNode
+            spec = partition_spec(".".join(map(str, path)), value.shape, mesh, rules, min_fsdp_size)
+            variable = variable.replace(NamedSharding(mesh, spec))
+        flat.append((path, variable))
+    return nnx.from_flat_state(flat)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over ``data`` and ``fsdp``, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays split over (``data``, ``fsdp``).
+
+    Every process passes its own ``B / process_count`` rows; together they form the batch.
+    """
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    sizes = {len(v) for v in local.values()}
+    rows = sizes.pop()
+    if sizes:
+        raise ValueError(f"batch arrays disagree on the batch size: {sorted({rows, *sizes})}")
+    if (rows * jax.process_count()) % shards:
+        raise ValueError(f"a global batch of {rows * jax.process_count()} does not split over data x fsdp = "
+                         f"{shards} devices; make the batch size a multiple of {shards}")
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def place(tree: nnx.State, shardings: nnx.State) -> nnx.State:
+    """Host (or single-device) arrays -> global arrays with ``shardings`` (same tree).
+
+    Every process must hold the same values (e.g. weights read from one file).
+    """
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)

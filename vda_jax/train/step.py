@@ -1,0 +1,136 @@
+"""The training and evaluation steps: pure functions of ``(graphdef, state, batch)``, jitted with shardings.
+
+A batch is a dict of ``frames`` uint8 ``[B, T, H, W, 3]``, ``depth`` float32 ``[B, T, H, W]``
+(0 where invalid) and ``mask`` bool ``[B, T, H, W]``. Clips (T >= 2) train with the video
+loss, images (T = 1) with the spatial loss alone. The model predicts relative disparity, so
+metric depth is inverted first; pseudo-labels already are disparity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from vda_jax.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vda_jax.train import losses
+from vda_jax.train.sharding import batch_sharding, replicated
+from vda_jax.train.state import TrainState, trainable
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# Policies of jax.checkpoint_policies that take no arguments.
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static settings of the steps (changing one recompiles).
+
+    Attributes:
+      train_encoder: differentiate through the encoder too (else it runs outside autodiff).
+      remat: "" or a name in ``REMAT_POLICIES``: rematerialise the trained stages (the head,
+        and the encoder when it trains), each as one block with this policy. This bounds the
+        peak to the larger stage's activations; the model has no per-layer remat.
+      metric_depth: the batches' depth is metric z-depth (trained on as 1 / depth); False
+        when it is already relative disparity.
+      alpha, scales, trim, stable_scale: of ``losses.video_depth_loss``.
+    """
+
+    train_encoder: bool = False
+    remat: str = ""
+    metric_depth: bool = True
+    alpha: float = 0.5
+    scales: int = 4
+    trim: float = 0.0
+    stable_scale: float = 10.0
+
+    def __post_init__(self):
+        if self.remat and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {self.remat!r}")
+
+
+def normalize(frames: jax.Array) -> jax.Array:
+    """uint8 RGB ``[..., 3]`` -> ImageNet-normalised float32."""
+    x = frames.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def disparity_target(depth: jax.Array, mask: jax.Array, metric_depth: bool) -> jax.Array:
+    """The training target: ``1 / depth`` on valid pixels (0 elsewhere) for metric depth."""
+    if not metric_depth:
+        return depth
+    return jnp.where(mask, 1.0 / jnp.where(mask, depth, 1.0), 0.0)
+
+
+def depth_losses(pred: jax.Array, batch: Batch, opts: StepOptions) -> Metrics:
+    """``{"spatial", "stable", "total"}`` of a prediction ``[B, T, H, W]`` against the batch."""
+    mask = batch["mask"]
+    target = disparity_target(batch["depth"], mask, opts.metric_depth)
+    kwargs = dict(alpha=opts.alpha, scales=opts.scales, trim=opts.trim)
+    if pred.shape[1] == 1:
+        return losses.image_depth_loss(pred, target, mask, **kwargs)
+    return losses.video_depth_loss(pred, target, mask, stable_scale=opts.stable_scale, **kwargs)
+
+
+def train_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
+    """One optimizer step on one batch; returns the new state and the loss terms and gradient norm."""
+    chex.assert_rank(batch["frames"], 5)
+    train_state: TrainState = nnx.merge(graphdef, state)
+    b, t, h, w, c = batch["frames"].shape
+    frames = normalize(batch["frames"]).reshape(b * t, h, w, c)
+
+    def encode(model):
+        return model.encode(frames)
+
+    def decode(model, features):
+        return model.decode(features, t, (h, w))[0]
+
+    if opts.remat:  # each stage separately: its activations are recomputed during its own backward
+        policy = getattr(jax.checkpoint_policies, opts.remat)
+        encode, decode = nnx.remat(encode, policy=policy), nnx.remat(decode, policy=policy)
+    # A frozen encoder runs outside the differentiated function: no gradients, no saved activations.
+    features = None if opts.train_encoder else train_state.model.encode(frames)
+
+    def loss_fn(model):
+        pred = decode(model, encode(model) if features is None else features)
+        terms = depth_losses(pred, batch, opts)
+        return terms["total"], terms
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable(opts.train_encoder)), has_aux=True)
+    (_, terms), grads = grad_fn(train_state.model)
+    train_state.optimizer.update(train_state.model, grads)
+    metrics = {"loss": terms["total"], "spatial": terms["spatial"], "stable": terms["stable"],
+               "grad_norm": optax.tree.norm(grads)}
+    return nnx.state(train_state), metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """The prediction ``[B, T, H, W]`` (relative disparity) and the loss terms of one batch."""
+    model = nnx.merge(graphdef, state).model
+    pred = model(normalize(batch["frames"]))
+    return pred, depth_losses(pred, batch, opts)
+
+
+def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
+                   mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]:
+    """``train_step`` compiled for states placed by ``shardings``; the input state is donated."""
+    return jax.jit(functools.partial(train_step, graphdef, opts),
+                   in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
+                  mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, Metrics]]:
+    """``eval_step`` compiled for states placed by ``shardings``; predictions stay batch-sharded."""
+    return jax.jit(functools.partial(eval_step, graphdef, opts),
+                   in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(batch_sharding(mesh), replicated(mesh)))
