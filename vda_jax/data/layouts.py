@@ -132,6 +132,16 @@ class Benchmark:
 # and ScanNet frames with the same window as gt_crop, so cropped depth and frames align.
 # Sintel: the official extraction stores depth as uint16 whole metres while its evaluation
 # divides by 65535 / 650; both are reproduced as they are.
+_SCANNET = Benchmark(
+    "{video}/color",
+    "{video}/depth",
+    1000.0,
+    10.0,
+    (8, -8, 11, -11),
+    (0, 270, 3),
+    intrinsics="{video}/intrinsic/intrinsic_depth.txt",
+    poses="{video}/pose/{frame}.txt",
+)
 BENCHMARKS = {
     "kitti": Benchmark("{video}/rgb", "{video}/depth", 256.0, 80.0, (0, 374, 0, 1242), (0, 110, 1)),
     "kitti_500": Benchmark("{video}/rgb", "{video}/depth", 256.0, 80.0, (0, 374, 0, 1242), (0, 500, 1)),
@@ -139,39 +149,10 @@ BENCHMARKS = {
     "bonn_500": Benchmark(
         "{video}/rgb", "{video}/depth", 5000.0, 10.0, (0, 480, 0, 640), (0, 500, 1), match_names=False
     ),
-    "scannet": Benchmark(
-        "{video}/color",
-        "{video}/depth",
-        1000.0,
-        10.0,
-        (8, -8, 11, -11),
-        (0, 270, 3),
-        intrinsics="{video}/intrinsic/intrinsic_depth.txt",
-        poses="{video}/pose/{frame}.txt",
-    ),
-    "scannet_500": Benchmark(
-        "{video}/color",
-        "{video}/depth",
-        1000.0,
-        10.0,
-        (8, -8, 11, -11),
-        (0, 500, 1),
-        intrinsics="{video}/intrinsic/intrinsic_depth.txt",
-        poses="{video}/pose/{frame}.txt",
-    ),
-    "scannet_tae": Benchmark(
-        "{video}/color_origin",
-        "{video}/depth",
-        1000.0,
-        10.0,
-        (8, -8, 11, -11),
-        (0, 192, 1),
-        intrinsics="{video}/intrinsic/intrinsic_depth.txt",
-        poses="{video}/pose/{frame}.txt",
-        crop_prediction=True,
-        eval_frames=(10, 180),
-        eval_videos=20,
-    ),
+    "scannet": _SCANNET,
+    "scannet_500": dataclasses.replace(_SCANNET, frames=(0, 500, 1)),
+    "scannet_tae": dataclasses.replace(_SCANNET, rgb="{video}/color_origin", frames=(0, 192, 1), crop_prediction=True,
+                                       eval_frames=(10, 180), eval_videos=20),
     "nyuv2_500": Benchmark("{video}/rgb", "{video}/depth", 6000.0, 10.0, (45, 471, 41, 601), (0, 500, 1)),
     "sintel": Benchmark("clean/{video}", "depth/{video}", 65535 / 650, 70.0, (0, 436, 0, 1024), (0, 100, 1)),
 }
