@@ -1,6 +1,5 @@
 """TFDS builders: every layout written to a temp folder, built as ArrayRecord and read back."""
 
-import dataclasses
 import io
 import os
 import re
@@ -11,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vda_jax.data import builders, files, layouts
+from vda_jax.data import builders, files
 from vda_jax.data.synthetic import render_video
 
 

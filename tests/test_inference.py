@@ -47,9 +47,9 @@ def test_reused_frames_are_not_encoded_again(tiny_model, fixtures, monkeypatch):
     encoded = []
     original = VideoDepthAnything.encode
 
-    def counting_encode(self, frames):
+    def counting_encode(self, frames, frames_per_chunk=None):
         encoded.append(frames.shape[0])  # runs at trace time: the compiled step's batch
-        return original(self, frames)
+        return original(self, frames, frames_per_chunk)
 
     monkeypatch.setattr(VideoDepthAnything, "encode", counting_encode)
     video._compiled.cache_clear()

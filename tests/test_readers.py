@@ -12,7 +12,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-
 from vda_jax.convert import readers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

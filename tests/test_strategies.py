@@ -31,12 +31,12 @@ class ClipStub(nnx.Module):
         self.config = ModelConfig(embed_dim=8, num_heads=1)
         self.encoder = _Encoder()
 
-    def encode(self, frames):
+    def encode(self, frames, frames_per_chunk=None):
         n, h, w, _ = frames.shape
         mean = frames.mean(axis=(1, 2, 3))[:, None, None, None]
         return (jnp.broadcast_to(mean, (n, h // 14, w // 14, self.config.embed_dim)),) * 4
 
-    def decode(self, features, num_frames, image_size, cache=None):
+    def decode(self, features, num_frames, image_size, cache=None, frames_per_chunk=None):
         m = features[0][:, 0, 0, 0].reshape(-1, num_frames, 1, 1)
         ramp = 1.0 + jnp.linspace(0.0, 1.0, image_size[1])
         return (2.0 + m[:, :1]) * (ramp + CONTENT * m), cache

@@ -5,8 +5,8 @@ does: resized for the network (short side >= input_size, multiples of 14, OpenCV
 normalised, predicted, and the depth resized back to the image's size (bilinear,
 align_corners=True), with no aspect-ratio limit on the input size. The image
 ``images_dir/<path>.<ext>`` gets the label ``output_dir/depth/<path>.npy``: float16
-``[H, W]``, the model's output (disparity for relative models). ``output_dir/images`` is made a link to ``images_dir``, so ``output_dir`` is
-the builder's source folder.
+``[H, W]``, the model's output (disparity for relative models). ``output_dir/images`` is
+made a link to ``images_dir``, so ``output_dir`` is the builder's source folder.
 
 Images are batched by network input size (one compiled step per size), and the next batch
 is decoded while the device runs the last. Each label is written under a temporary name and

@@ -57,7 +57,10 @@ def resize_crop(
         K[..., 0, 2] = cw - 1 - K[..., 0, 2]
         K[..., 0, 1] *= -1
         pose = pose @ _MIRROR_X
-    gather = lambda x: np.take(np.take(x, rows, axis=1), cols, axis=2)
+
+    def gather(x):
+        return np.take(np.take(x, rows, axis=1), cols, axis=2)
+
     return {
         **clip,
         "frames": np.stack([np.asarray(image) for image in images]),

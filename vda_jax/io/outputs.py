@@ -213,7 +213,9 @@ class NpzDepthWriter(_DepthWriter):
 
 
 class ExrDepthWriter(_DepthWriter):
-    """Writes each depth frame as a float32 single-channel ("Z") EXR: ``directory/frame_00000.exr`` (the official names), ...
+    """Writes each depth frame as a float32 single-channel ("Z") EXR, ``directory/frame_00000.exr`` on.
+
+    The file names are the official ones.
 
     Each frame file appears atomically as it is written, so ``close`` and
     ``abort`` have nothing left to do; they exist to share the writers' interface.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype, UpConv, conv
+from vda_jax.models.layers import Dtype, UpConv, conv, map_frames
 from vda_jax.models.temporal import Cache, TemporalModule
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
@@ -70,8 +70,8 @@ class DPTHead(nnx.Module):
         self.output_conv2 = conv(feats // 2, _OUTPUT_HIDDEN, 3, padding=1, rngs=rngs, dtype=jnp.float32)
         self.output_conv3 = conv(_OUTPUT_HIDDEN, 1, 1, rngs=rngs, dtype=jnp.float32)
 
-    def __call__(self, features: tuple[jax.Array, ...], num_frames: int,
-                 cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+    def __call__(self, features: tuple[jax.Array, ...], num_frames: int, cache: Cache | None = None,
+                 frames_per_chunk: int | None = None) -> tuple[jax.Array, Cache]:
         """Decodes depth.
 
         Args:
@@ -79,6 +79,9 @@ class DPTHead(nnx.Module):
           num_frames: T.
           cache: 8 arrays (2 per temporal layer) of past frames' hidden states
             ``[B, Tc, S, D]`` for streaming, or None.
+          frames_per_chunk: run the layers after the last temporal one (per-frame, at the
+            finest resolutions) this many frames at a time (``map_frames``); None runs
+            all frames at once. The result does not depend on it.
         Returns:
           Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU)
           and the new frames' temporal hidden states (8 arrays ``[B, T, S, D]``).
@@ -105,10 +108,16 @@ class DPTHead(nnx.Module):
         path = temporal(2, path)
         path = self.refinenets[2](path, rn[2], size=rn[1].shape[1:3])
         path = temporal(3, path)
-        path = self.refinenets[1](path, rn[1], size=rn[0].shape[1:3])
-        path = self.refinenets[0](path, rn[0])
+        output_size = (ph * self.patch_size, pw * self.patch_size)
+        out = map_frames(lambda x: self._fine(x, output_size), (path, rn[1], rn[0]), frames_per_chunk)
+        return out, tuple(new_cache)
+
+    def _fine(self, fine: tuple[jax.Array, jax.Array, jax.Array], output_size: tuple[int, int]) -> jax.Array:
+        """The per-frame end of the head: ``(path, rn1, rn0)`` -> depth ``[N, *output_size]``."""
+        path, rn1, rn0 = fine
+        path = self.refinenets[1](path, rn1, size=rn0.shape[1:3])
+        path = self.refinenets[0](path, rn0)
         out = self.output_conv1(path)
-        out = resize_bilinear_align_corners(out, (ph * self.patch_size, pw * self.patch_size))
+        out = resize_bilinear_align_corners(out, output_size)
         out = jax.nn.relu(self.output_conv2(out.astype(jnp.float32)))
-        out = jax.nn.relu(self.output_conv3(out))
-        return out[..., 0], tuple(new_cache)
+        return jax.nn.relu(self.output_conv3(out))[..., 0]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +32,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None) -> Any:
+    """``fn(xs)`` for a per-frame ``fn``, run ``frames_per_chunk`` frames at a time.
+
+    ``xs`` is a pytree of arrays sharing a leading frame axis, as is ``fn``'s output.
+    Chunks bound the memory of the intermediates and, on CPU, keep them in cache
+    (one frame at a time runs the vits encoder ~1.8x faster than 16 at once). None
+    (or a chunk covering every frame) calls ``fn`` once on all frames.
+    """
+    frames = jax.tree.leaves(xs)[0].shape[0]
+    if frames_per_chunk is None or frames_per_chunk >= frames:
+        return fn(xs)
+
+    def one(x):
+        return jax.tree.map(lambda a: a[0], fn(jax.tree.map(lambda a: a[None], x)))
+
+    return jax.lax.map(one, xs, batch_size=frames_per_chunk)
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,

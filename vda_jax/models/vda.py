@@ -9,7 +9,7 @@ from flax import nnx
 
 from vda_jax.config import ModelConfig
 from vda_jax.models.dpt import DPTHead
-from vda_jax.models.layers import Dtype
+from vda_jax.models.layers import Dtype, map_frames
 from vda_jax.models.temporal import Cache
 from vda_jax.models.vit import DinoVisionTransformer
 from vda_jax.ops.resize import resize_bilinear_align_corners
@@ -28,14 +28,20 @@ class VideoDepthAnything(nnx.Module):
         self.encoder = DinoVisionTransformer(config, rngs=rngs, dtype=dtype)
         self.head = DPTHead(config, rngs=rngs, dtype=dtype)
 
-    def encode(self, frames: jax.Array) -> tuple[jax.Array, ...]:
-        """Per-frame encoder features: ``[N, H, W, 3]`` -> four ``[N, H/14, W/14, E]``."""
-        return self.encoder(frames)
+    def encode(self, frames: jax.Array, frames_per_chunk: int | None = None) -> tuple[jax.Array, ...]:
+        """Per-frame encoder features: ``[N, H, W, 3]`` -> four ``[N, H/14, W/14, E]``.
+
+        ``frames_per_chunk`` frames go through the encoder at a time (``map_frames``).
+        """
+        return map_frames(self.encoder, frames, frames_per_chunk)
 
     def decode(self, features: tuple[jax.Array, ...], num_frames: int, image_size: tuple[int, int],
-               cache: Cache | None = None) -> tuple[jax.Array, Cache]:
-        """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal states."""
-        depth, new_cache = self.head(features, num_frames, cache)
+               cache: Cache | None = None, frames_per_chunk: int | None = None) -> tuple[jax.Array, Cache]:
+        """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal states.
+
+        ``frames_per_chunk`` frames at a time go through the head's finest layers (see ``DPTHead``).
+        """
+        depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk)
         depth = resize_bilinear_align_corners(depth[..., None], image_size)[..., 0]
         depth = jax.nn.relu(depth)
         return depth.reshape(-1, num_frames, *image_size), new_cache

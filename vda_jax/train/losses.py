@@ -186,7 +186,8 @@ def temporal_gradient_matching_loss(
     num_frames = pred.shape[1]
     strides = [2**k for k in range(scales) if 2**k < num_frames]
     if not strides:
-        raise ValueError(f"temporal gradient matching needs clips of T >= 2 frames and scales >= 1, got T={num_frames}, scales={scales}.")
+        raise ValueError("temporal gradient matching needs clips of T >= 2 frames and scales >= 1, "
+                         f"got T={num_frames}, scales={scales}.")
     # Frames without valid pixels get a threshold of -inf, which rejects every pixel.
     lo = jnp.min(jnp.where(mask, target, jnp.inf), axis=(2, 3))
     hi = jnp.max(jnp.where(mask, target, -jnp.inf), axis=(2, 3))
