@@ -32,6 +32,7 @@ from vda_jax.data import files
 from vda_jax.inference.preprocess import network_size, preprocess
 from vda_jax.inference.video import PRECISIONS, default_precision
 from vda_jax.io.video import AtomicPath
+from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
@@ -98,7 +99,7 @@ _network_input = jax.jit(preprocess, static_argnums=1)
 @nnx.jit
 def _predict(model: VideoDepthAnything, x: jax.Array) -> jax.Array:
     """Normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each image a one-frame clip."""
-    return model(x[:, None])[:, 0]
+    return model(x[:, None], default_frames_per_chunk())[:, 0]
 
 
 @jax.jit(static_argnums=1)

@@ -24,6 +24,7 @@ from flax import nnx
 from vda_jax.inference.preprocess import network_size, preprocess
 from vda_jax.inference.video import PRECISIONS, default_precision, infer_video_depth
 from vda_jax.inference.window import OVERLAP_FRAMES, WINDOW_FRAMES
+from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
 from vda_jax.ops.align import scale_and_shift
 from vda_jax.ops.resize import resize_bilinear_align_corners
@@ -48,8 +49,8 @@ def windows(num_frames: int, overlap: int) -> list[Window]:
 @nnx.jit(static_argnames="net_size")
 def _window_depth(model: VideoDepthAnything, frames: jax.Array, net_size: tuple[int, int]) -> jax.Array:
     """uint8 ``[32, H, W, 3]`` -> depth ``[32, H, W]`` at the frames' resolution."""
-    features = model.encode(preprocess(frames, net_size))
-    depth, _ = model.decode(features, frames.shape[0], net_size)
+    features = model.encode(preprocess(frames, net_size), default_frames_per_chunk())
+    depth, _ = model.decode(features, frames.shape[0], net_size, frames_per_chunk=default_frames_per_chunk())
     return resize_bilinear_align_corners(depth[0], frames.shape[1:3], axes=(-2, -1))
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vda_jax.inference.preprocess import preprocess
+from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.align import scale_and_shift
 from vda_jax.ops.resize import resize_bilinear_align_corners
@@ -91,16 +92,6 @@ def align_window(depth: jax.Array, reference: jax.Array, pending: jax.Array, fir
     return final, aligned, reference, aligned[FINAL_END:]
 
 
-def frames_per_chunk() -> int | None:
-    """Frames the per-frame parts of the model (encoder, finest head layers) take at a time.
-
-    One on CPU, where the working set of a frame stays in cache (vits at 280x378:
-    encoder 173 -> 93 ms a frame, head 80 -> 49 ms) and memory stays small; all at
-    once on accelerators, which need the large batches.
-    """
-    return 1 if jax.default_backend() == "cpu" else None
-
-
 def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int],
                 frame_size: tuple[int, int]) -> WindowState:
     """Zeros of the right shapes for ``slots`` videos (filled by ``start_video``)."""
@@ -115,7 +106,7 @@ def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int]
 def start_video(model: VideoDepthAnything, state: WindowState, slot: jax.Array, frames: jax.Array,
                 net_size: tuple[int, int]) -> WindowState:
     """Encodes a video's first 10 frames (uint8 ``[10, H, W, 3]``) into slot ``slot``."""
-    features = model.encode(preprocess(frames, net_size), frames_per_chunk())
+    features = model.encode(preprocess(frames, net_size), default_frames_per_chunk())
     key_features = tuple(k.at[slot].set(f.astype(k.dtype)) for k, f in zip(state.key_features, features))
     return state._replace(key_features=key_features)
 
@@ -131,11 +122,11 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
       net_size: network input (h, w), multiples of 14.
     """
     b, t, height, width, _ = frames.shape
-    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), frames_per_chunk())
+    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), default_frames_per_chunk())
     features = tuple(jnp.concatenate([k, f.reshape(b, t, *f.shape[1:]).astype(k.dtype)], axis=1)
                      for k, f in zip(state.key_features, new))
     depth, _ = model.decode(tuple(f.reshape(b * WINDOW_FRAMES, *f.shape[2:]) for f in features),
-                            WINDOW_FRAMES, net_size, frames_per_chunk=frames_per_chunk())
+                            WINDOW_FRAMES, net_size, frames_per_chunk=default_frames_per_chunk())
     depth = resize_bilinear_align_corners(depth, (height, width), axes=(-2, -1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, None))
     final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)

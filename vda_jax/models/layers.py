@@ -52,6 +52,16 @@ def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None) 
     return jax.lax.map(one, xs, batch_size=frames_per_chunk)
 
 
+def default_frames_per_chunk() -> int | None:
+    """The ``frames_per_chunk`` inference uses for the per-frame parts of the model.
+
+    One on CPU, where a frame's working set stays in cache (vits at 280x378: encoder
+    173 -> 93 ms a frame, head 80 -> 49 ms) and memory stays small; all frames at
+    once (None) on accelerators, which need the large batches.
+    """
+    return 1 if jax.default_backend() == "cpu" else None
+
+
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
            use_bias: bool = True) -> nnx.Linear:
     return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)

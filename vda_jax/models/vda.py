@@ -46,12 +46,13 @@ class VideoDepthAnything(nnx.Module):
         depth = jax.nn.relu(depth)
         return depth.reshape(-1, num_frames, *image_size), new_cache
 
-    def __call__(self, frames: jax.Array) -> jax.Array:
+    def __call__(self, frames: jax.Array, frames_per_chunk: int | None = None) -> jax.Array:
         """Depth of clips.
 
         Args:
           frames: ``[B, T, H, W, 3]`` ImageNet-normalised RGB, H and W multiples of 14,
             1 <= T <= ``config.num_frames`` (T = 1 is image mode).
+          frames_per_chunk: frames the per-frame parts run at a time (``map_frames``).
         Returns:
           ``[B, T, H, W]`` float32 depth (relative: larger is nearer; metric: metres).
         """
@@ -60,8 +61,8 @@ class VideoDepthAnything(nnx.Module):
         if c != 3 or not 1 <= t <= self.config.num_frames:
             raise ValueError(f"expected frames [B, T, H, W, 3] with 1 <= T <= {self.config.num_frames}, "
                              f"got shape {frames.shape}")
-        features = self.encode(frames.reshape(b * t, h, w, c))
-        return self.decode(features, t, (h, w))[0]
+        features = self.encode(frames.reshape(b * t, h, w, c), frames_per_chunk)
+        return self.decode(features, t, (h, w), frames_per_chunk=frames_per_chunk)[0]
 
 
 def with_compute_dtype(model: VideoDepthAnything, dtype: Dtype) -> VideoDepthAnything:
