@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from vda_jax.assets import SAMPLE_VIDEO
+from vda_jax.assets import SAMPLE_RENDER, SAMPLE_VIDEO
 from vda_jax.data.synthetic import render_video
 from vda_jax.io.video import VideoWriter
 
@@ -18,10 +18,10 @@ from vda_jax.io.video import VideoWriter
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=SAMPLE_VIDEO)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--frames", type=int, default=90)
-    parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=SAMPLE_RENDER["seed"])
+    parser.add_argument("--frames", type=int, default=SAMPLE_RENDER["num_frames"])
+    parser.add_argument("--height", type=int, default=SAMPLE_RENDER["height"])
+    parser.add_argument("--width", type=int, default=SAMPLE_RENDER["width"])
     parser.add_argument("--fps", type=float, default=15)
     args = parser.parse_args()
     video = render_video(args.seed, args.frames, args.height, args.width)

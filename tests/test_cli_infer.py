@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vda_jax import cli
+from vda_jax.assets import SAMPLE_RENDER
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.data.synthetic import render_video
 from vda_jax.eval.metrics import depth_metrics
@@ -72,7 +73,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         cli.main(["infer", "x.mp4", "--batch-size", "0"])
 
 
-
 def test_bundled_model_gives_depth_for_the_sample(tmp_path):
     """`vda-jax infer --sample` with no checkpoint: the bundled model on the bundled video.
 
@@ -83,10 +83,10 @@ def test_bundled_model_gives_depth_for_the_sample(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["infer", "--sample", "--output-dir", str(out), "--save-npz", "--quiet"]) == 0
     depths = np.load(out / "sample_depths.npz")["depths"]
-    truth = render_video(seed=7, num_frames=90, height=192, width=256)  # scripts/make_sample_video.py defaults
+    truth = render_video(**SAMPLE_RENDER)
     assert depths.shape == truth["depth"].shape and np.isfinite(depths).all()
     assert len(list(read_frames(str(out / "sample_vis.mp4")))) == len(depths)
     scores = depth_metrics(depths, truth["depth"], max_depth=80.0, mask=truth["mask"])
-    rows = np.broadcast_to(np.arange(1, 193, dtype=np.float32)[:, None], depths.shape)
+    rows = np.broadcast_to(np.arange(1, depths.shape[1] + 1, dtype=np.float32)[:, None], depths.shape)
     prior = depth_metrics(rows, truth["depth"], max_depth=80.0, mask=truth["mask"])
     assert scores["delta1"] > prior["delta1"] + 0.1 and scores["abs_rel"] < 0.5 * prior["abs_rel"]

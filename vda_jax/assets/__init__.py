@@ -7,6 +7,8 @@ import os
 ASSETS = os.path.dirname(os.path.abspath(__file__))
 DEMO_MODEL = os.path.join(ASSETS, "demo_model")
 SAMPLE_VIDEO = os.path.join(ASSETS, "sample.mp4")
+# The render the sample video is made from (scripts/make_sample_video.py): its true depth is known.
+SAMPLE_RENDER = {"seed": 7, "num_frames": 90, "height": 192, "width": 256}
 
 
 def bundled_model_dir() -> str:

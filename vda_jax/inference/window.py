@@ -122,11 +122,12 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
       net_size: network input (h, w), multiples of 14.
     """
     b, t, height, width, _ = frames.shape
-    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), default_frames_per_chunk())
+    chunk = default_frames_per_chunk()
+    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), chunk)
     features = tuple(jnp.concatenate([k, f.reshape(b, t, *f.shape[1:]).astype(k.dtype)], axis=1)
                      for k, f in zip(state.key_features, new))
     depth, _ = model.decode(tuple(f.reshape(b * WINDOW_FRAMES, *f.shape[2:]) for f in features),
-                            WINDOW_FRAMES, net_size, frames_per_chunk=default_frames_per_chunk())
+                            WINDOW_FRAMES, net_size, frames_per_chunk=chunk)
     depth = resize_bilinear_align_corners(depth, (height, width), axes=(-2, -1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, None))
     final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)
