@@ -19,6 +19,7 @@ from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint, read_config
 from vda_jax.train.checkpoints import Checkpoints, flat_arrays, with_arrays
 from vda_jax.train.config import apply_overrides, default_config, load_config
+from vda_jax.train.coordination import Interrupted
 from vda_jax.train.init import initial_model
 from vda_jax.train.loop import NonFiniteLossError, Trainer
 
@@ -77,7 +78,7 @@ def test_resume_interrupt_nonfinite_and_export(config, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     second.log.write = write_then_interrupt
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="SIGINT at step 5"):
         second.run()
     second.log.write = write
     assert second.step == 5 and second.checkpoints.latest_step() == 5

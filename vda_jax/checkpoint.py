@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vda_jax.config import ModelConfig
 from vda_jax.models.layers import Dtype
@@ -56,34 +57,56 @@ def count_params(model_or_state: nnx.Module | nnx.State) -> int:
 
 @contextlib.contextmanager
 def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory that replaces ``path`` only if the block succeeds."""
+    """Yields a temporary directory that replaces ``path`` only if the block succeeds.
+
+    In a multi-process job every process must enter it (all write into one temporary
+    directory on a shared file system); process 0 creates and renames it.
+    """
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    primary, multi_process = jax.process_index() == 0, jax.process_count() > 1
+    if multi_process:
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-shared")
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed job
+            os.makedirs(tmp)
+        multihost_utils.sync_global_devices(f"created {tmp}")
+    else:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if multi_process:
+            multihost_utils.sync_global_devices(f"written {tmp}")
+        if primary:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        if multi_process:
+            multihost_utils.sync_global_devices(f"renamed {tmp}")
     finally:
-        if os.path.exists(tmp):
+        if primary and os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any] | None = None,
                overwrite: bool = False) -> None:
-    """Writes ``model`` (its config and all variables) to the directory ``path``, atomically."""
+    """Writes ``model`` (its config and all variables) to the directory ``path``, atomically.
+
+    The variables may be sharded over the processes of a multi-process job; then every process
+    calls this, each writing its shards.
+    """
     state = nnx.state(model)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
             checkpointer.wait_until_finished()
-        info = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(metadata or {})}
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        if jax.process_index() == 0:
+            info = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(metadata or {})}
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(info, f, indent=2)
 
 
 def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
@@ -118,9 +141,16 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
     params_dir = os.path.join(os.path.abspath(path), "params")
     if not os.path.isdir(params_dir):
         raise CheckpointFormatError(f"{path} has no params/ directory: the model directory is incomplete")
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(abstract))
+    # Every process reads the whole model onto its first local device, on its own: with
+    # several processes, orbax would otherwise sync them and restore global arrays.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          nnx.to_pure_dict(abstract))
+    process = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
+                                               barrier_sync_key_prefix=f"load-{process}")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=local) as checkpointer:
             restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax raises many types for truncated or foreign trees
         raise CheckpointFormatError(f"cannot read the parameters in {params_dir}: {e}".splitlines()[0]) from e

@@ -34,6 +34,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int | None:
     from vda_jax.train.config import load_config
+    from vda_jax.train.coordination import Interrupted
     from vda_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, args.overrides)
@@ -43,6 +44,9 @@ def _train(args: argparse.Namespace) -> int | None:
     except NonFiniteLossError as e:
         print(f"vda-jax train: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"vda-jax train: {e}; run the same command to resume", file=sys.stderr)
+        return 128 + e.signum
     return None
 
 
@@ -58,6 +62,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides as Python literals, e.g. optimizer.lr=3e-4 data.crop_size=(56,56)")
     p.set_defaults(handler=_train)
+
+
+def _checkpoint_to_model(args: argparse.Namespace) -> None:
+    from vda_jax.train.loop import model_from_checkpoint
+
+    step = model_from_checkpoint(args.workdir, args.output_dir, step=args.step, overwrite=args.overwrite)
+    print(f"wrote the model of step {step} to {args.output_dir}")
+
+
+def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoint-to-model", help="turn a training checkpoint into a model directory",
+                       description="Write the model of one checkpoint of a training run (the best, the latest or "
+                                   "a given step) as a model directory for infer, eval and export.")
+    p.add_argument("workdir", help="the training run's workdir")
+    p.add_argument("output_dir", help="model directory to create")
+    p.add_argument("--step", default="best", help="'best' (by checkpoint.best_metric; default), 'latest' or a step")
+    p.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
+    p.set_defaults(handler=_checkpoint_to_model)
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -201,7 +223,7 @@ def _load_model(checkpoint: str | None):
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_convert, _add_infer, _add_train, _add_eval, _add_pseudo_label]
+    _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label]
 
 
 def build_parser() -> argparse.ArgumentParser:

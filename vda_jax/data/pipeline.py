@@ -1,8 +1,12 @@
 """The training input pipeline: grain over TFDS ArrayRecord data sources.
 
 Clips of ``clip_frames`` frames, ``clip_stride`` apart, are cut from every video of a split
-(one clip starting every ``clip_hop`` frames), sharded over processes, shuffled, augmented
-(``transforms.augment``: one random crop/flip/colour change per clip) and batched. Optionally a
+(one clip starting every ``clip_hop`` frames), shuffled, augmented (``transforms.augment``: one
+random crop/flip/colour change per clip) and batched into global batches of ``batch_size``.
+The order and the augmentations are those of one global stream, whatever the number of
+processes: a process reads only its rows of each global batch (a ``grain.sharding.ShardOptions``
+``(index, count)`` names the index-th of ``count`` equal row blocks), so global batch k is the
+same for 1, 2 or N processes and a run can resume on another number of hosts. Optionally a
 second stream of single images (T = 1, e.g. teacher pseudo-labels) is mixed in: a fraction
 ``image_ratio`` of the batches are image batches. Every batch is a dict of
 
@@ -18,8 +22,8 @@ with T = clip_frames for video batches and T = 1 for image batches, and (H, W) =
 
 Everything is a grain ``MapDataset`` up to the final ``to_iter_dataset``, so element i of the
 stream is a pure function of (config, shard, i): the same seed gives the same batches, and
-the iterator's state is just a position, which ``get_state``/``set_state`` (and orbax's grain
-checkpoint handler) save and restore exactly.
+the iterator's state is just a position (the number of batches taken, the same on every process),
+which ``get_state``/``set_state`` save and restore exactly.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ class DataConfig:
       max_scale: random zoom in [1, max_scale] on top of the scale that covers the crop.
       flip_prob: probability of a horizontal flip.
       color_jitter: strength of the colour jitter (0 turns it off).
-      batch_size: clips per video batch, per process.
-      image_batch_size: images per image batch, per process.
+      batch_size: clips per video batch, over all processes (the global batch).
+      image_batch_size: images per image batch, over all processes.
       image_ratio: fraction of the batches that are image batches.
       seed: seed of the shuffles and augmentations.
       num_epochs: passes over each stream; None repeats forever.
@@ -179,7 +183,7 @@ def _stream(
     kind: str,
     shard: grain.sharding.ShardOptions,
 ) -> grain.MapDataset:
-    """Batches of augmented clips of one dataset split, for one shard; ``kind`` is "video" or "image"."""
+    """This shard's rows of the global batches of one dataset split; ``kind`` is "video" or "image"."""
     frames, metadata = open_split(name, split, config.data_dir)
     table = metadata.get("videos", {}).get(split)
     if table is None and clip_frames > 1:
@@ -187,22 +191,23 @@ def _stream(
             f"{name}:{split} holds single images (no video table in its metadata); "
             "use it as image_dataset or set clip_frames=1"
         )
+    if batch_size % shard.shard_count:
+        raise ValueError(f"a batch of {batch_size} does not split into {shard.shard_count} equal row blocks")
     lengths = table["lengths"] if table else [1] * len(frames)
     stride, hop = (config.clip_stride, config.clip_hop) if kind == "video" else (1, 1)
     index = clip_index(lengths, clip_frames, stride, hop)
-    if len(index) < shard.shard_count * batch_size:
+    if len(index) < batch_size:
         raise ValueError(
             f"{name}:{split} has {len(index)} clips of {clip_frames} frames (stride "
-            f"{config.clip_stride}), fewer than one batch of {batch_size} per each of "
-            f"{shard.shard_count} shard(s); use shorter clips or a smaller batch"
+            f"{config.clip_stride}), fewer than one batch of {batch_size}; use shorter clips or a smaller batch"
         )
+    # One global stream (seeds per stream, not per process); every element is augmented from
+    # its own index, so which process reads it does not change it.
+    seeds = np.random.SeedSequence([config.seed, _KINDS.index(kind)]).generate_state(2)
     ds = grain.MapDataset.source(ClipSource(frames, index, metadata, f"{name}:{split}"))
-    if shard.drop_remainder:
-        ds = ds[: len(ds) // shard.shard_count * shard.shard_count]
-    ds = ds[shard.shard_index :: shard.shard_count]
-    # Seeds differ per stream and per shard, so shards do not share augmentations.
-    seeds = np.random.SeedSequence([config.seed, _KINDS.index(kind), shard.shard_index]).generate_state(2)
     ds = ds.shuffle(seed=int(seeds[0])).repeat(config.num_epochs)
+    if config.num_epochs is not None:
+        ds = ds[: len(ds) // batch_size * batch_size]  # whole global batches only
     augment = functools.partial(
         transforms.augment,
         crop=config.crop_size,
@@ -210,7 +215,10 @@ def _stream(
         flip_prob=config.flip_prob,
         jitter=config.color_jitter,
     )
-    ds = ds.random_map(augment, seed=int(seeds[1])).batch(batch_size, drop_remainder=True)
+    # Row block j of global batch k is the (k * count + j)-th run of `rows` elements; grain
+    # reads only the elements of the blocks taken.
+    rows = batch_size // shard.shard_count
+    ds = ds.random_map(augment, seed=int(seeds[1])).batch(rows)[shard.shard_index :: shard.shard_count]
     return ds.map(functools.partial(_with_kind, kind=kind))
 
 
@@ -219,8 +227,10 @@ def make_dataset(config: DataConfig, shard: grain.sharding.ShardOptions | None =
 
     Args:
       config: the pipeline settings.
-      shard: which part of the data this process reads; defaults to the JAX process's share
-        (``grain.sharding.ShardByJaxProcess``).
+      shard: which rows of every global batch this process reads: block ``shard_index`` of
+        ``shard_count`` equal blocks; defaults to the JAX process's
+        (``grain.sharding.ShardByJaxProcess``). ``drop_remainder`` is ignored: only whole
+        global batches are formed.
     """
     shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     ds = _stream(

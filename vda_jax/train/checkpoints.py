@@ -1,7 +1,10 @@
-"""Orbax checkpoints of a training run: the train state and each process's data-iterator position.
+"""Orbax checkpoints of a training run: the train state and the data-iterator position.
 
 The state is stored as a flat ``{dotted path: array}`` dict (its ``nnx`` structure comes from
-the code), which restores onto any mesh: the target's shardings decide where the arrays go.
+the code), which restores onto any mesh and any number of processes: the target's shardings
+decide where the arrays go. The data position is the number of global batches taken (the same
+on every process, see ``vda_jax.data.pipeline``), stored once as JSON, so a run saved by N
+processes resumes on M with the same data order.
 Orbax keeps the latest ``keep`` checkpoints plus the best one by an evaluation metric, and
 writes arrays in the background while training continues.
 """
@@ -66,31 +69,46 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best, best_mode=best_mode,
                                                  enable_async_checkpointing=True),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_REGISTRY),
-                           "data": grain.checkpoint.CheckpointHandler()},
+                           "data": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def best_step(self) -> int | None:
+        """The kept step with the best evaluation metric (None before any evaluation)."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
     def save(self, step: int, state: nnx.State, data: grain.DatasetIterator,
              metrics: Mapping[str, float] | None = None) -> None:
         """Starts writing a checkpoint (arrays are written in the background)."""
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(flat_arrays(state)), data=grain.checkpoint.CheckpointSave(data)),
-            metrics=dict(metrics) if metrics else None)
+            state=ocp.args.PyTreeSave(flat_arrays(state)), data=ocp.args.JsonSave(data.get_state())),
+            metrics={k: float(v) for k, v in metrics.items()} if metrics else None)
 
-    def restore(self, step: int, target: nnx.State, data: grain.DatasetIterator) -> nnx.State:
-        """The state saved at ``step``, placed as ``target`` (abstract arrays with shardings); moves ``data`` too."""
+    def restore(self, step: int, target: nnx.State, data: grain.DatasetIterator | None = None) -> nnx.State:
+        """The state saved at ``step``, placed as ``target`` (abstract arrays with shardings).
+
+        ``data``, when given, is moved to the saved position. ``target`` may be a part of the
+        saved state (e.g. the model alone).
+        """
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
                     for k, v in flat_arrays(target).items()}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        items = {"state": ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract), partial_restore=True)}
+        if data is not None:
+            items["data"] = ocp.args.JsonRestore()
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(abstract, restore_args=restore_args),
-                data=grain.checkpoint.CheckpointRestore(data)))
-        except (ValueError, KeyError) as e:  # orbax reports a tree mismatch in several ways
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:  # orbax reports a mismatch in several ways
             raise ValueError(f"cannot restore step {step} from {self.directory}: it holds a different model or "
-                             f"optimizer than this config ({str(e).splitlines()[0]}); use a new workdir") from e
+                             f"optimizer than this config, or was written by another version of vda-jax "
+                             f"({str(e).splitlines()[0]}); use a new workdir") from e
+        if data is not None:
+            data.set_state(restored["data"])
         return with_arrays(target, restored["state"])
 
     def wait(self) -> None:

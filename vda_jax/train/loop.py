@@ -8,20 +8,21 @@ A run lives in its workdir::
     WORKDIR/model/           the final model, loadable with ``vda_jax.checkpoint.load_checkpoint``
     WORKDIR/data/            the rendered synthetic dataset, when the config asks for one
 
-Starting again in the same workdir resumes from its latest checkpoint. The first Ctrl-C
-saves a checkpoint at the current step and stops; a non-finite loss stops the run without
-saving, so the latest checkpoint stays the last good one.
+Starting again in the same workdir resumes from its latest checkpoint, on any number of
+processes (the global batches do not depend on it). SIGTERM or the first Ctrl-C, on any
+process, makes every process save a checkpoint at the same step and stop
+(``vda_jax.train.coordination``); a non-finite loss stops the run without saving, so the latest
+checkpoint stays the last good one. In a multi-process run an error on one process ends all of
+them. The workdir must be on a file system that every process sees.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 
 import grain
 import jax
@@ -38,7 +39,7 @@ from vda_jax.checkpoint import count_params, save_model
 from vda_jax.data import builders, pipeline
 from vda_jax.eval.metrics import depth_metrics
 from vda_jax.models.vda import VideoDepthAnything
-from vda_jax.train import sharding
+from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
 from vda_jax.train.config import compute_dtype, model_config_from
 from vda_jax.train.init import initial_model
@@ -52,26 +53,6 @@ BATCH_KEYS = ("frames", "depth", "mask")
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving."""
-
-
-@contextlib.contextmanager
-def _interrupt_flag() -> Iterator[Callable[[], bool]]:
-    """Yields "was Ctrl-C pressed?": the first SIGINT only sets the flag, a second one interrupts."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
-        return
-
-    def handler(signum, frame):
-        del signum, frame
-        flag.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _metadata(name: str, split: str, data_dir: str | None) -> dict:
@@ -108,14 +89,16 @@ class Trainer:
         dtype = compute_dtype(config.dtype)
         self.model_config = model_config_from(config.model)
         self.mesh = sharding.make_mesh(**config.mesh)
-
+        # This process reads its rows of every global batch: the block its devices hold.
+        self._shard = grain.sharding.ShardOptions(*sharding.process_rows(self.mesh))
+        # Processes that feed the same block (they differ along "tensor") count its scores once.
+        blocks = multihost_utils.process_allgather(np.array([self._shard.shard_index])).ravel()
+        self._first_reader = int(np.flatnonzero(blocks == self._shard.shard_index)[0]) == jax.process_index()
         self.data_config = self._data_config()
         metric_depth = self._metric_depth_by_kind()
         self._val_meta = _metadata(self.data_config.video_dataset, config.eval.split,
                                    self.data_config.data_dir) if config.eval.every else {}
         self._check_best_metric()
-        # Each process reads its own part of the data and feeds its rows of every global batch.
-        self._shard = grain.sharding.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True)
         self.train_data = iter(pipeline.make_dataset(self.data_config, self._shard))
 
         tx = make_optimizer(config.optimizer, config.total_steps, trained_groups(config.train_encoder))
@@ -162,16 +145,17 @@ class Trainer:
 
     def _data_config(self) -> pipeline.DataConfig:
         c = self.config
-        processes = jax.process_count()
+        blocks = self._shard.shard_count
         for key in ("batch_size", "image_batch_size"):
-            if c[key] % processes:
-                raise ValueError(f"{key} {c[key]} must be a multiple of the {processes} processes")
+            if c[key] % blocks:
+                raise ValueError(f"{key} {c[key]} must be a multiple of {blocks}: the processes feed equal "
+                                 "row blocks of every batch")
         data_dir = c.data.data_dir
         if c.synthetic is not None:
             data_dir = data_dir or os.path.join(self.workdir, "data")
             self._prepare_synthetic(data_dir)
-        return pipeline.DataConfig(**{**c.data.to_dict(), "data_dir": data_dir}, batch_size=c.batch_size // processes,
-                                   image_batch_size=c.image_batch_size // processes, seed=c.seed)
+        return pipeline.DataConfig(**{**c.data.to_dict(), "data_dir": data_dir}, batch_size=c.batch_size,
+                                   image_batch_size=c.image_batch_size, seed=c.seed)
 
     def _prepare_synthetic(self, data_dir: str) -> None:
         fields = self.config.synthetic.to_dict()
@@ -236,7 +220,8 @@ class Trainer:
 
         Raises:
           NonFiniteLossError: the loss became NaN or infinite (nothing was saved after it).
-          KeyboardInterrupt: after Ctrl-C, once the current step is checkpointed.
+          coordination.Interrupted: after SIGINT / SIGTERM (on any process), once every process
+            has checkpointed the same step.
         """
         c = self.config
         until = c.total_steps if until is None else min(until, c.total_steps)
@@ -244,15 +229,15 @@ class Trainer:
         pending, last_saved = [], self.checkpoints.latest_step()
         bar = tqdm(total=until, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (c.progress_bar and jax.process_index() == 0))
-        with bar, _interrupt_flag() as interrupted:
+        with bar, coordination.StopSignals() as signals:
             tick = time.perf_counter()
-            while self.step < until and not interrupted():
+            while self.step < until and not (stopped := signals.should_stop(self.step)):
                 batch = next(self.train_data)
                 kind = batch.pop("kind")
                 arrays = sharding.global_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh)
                 self.state, metrics = self._train_steps[kind](self.state, arrays)
                 self.step += 1
-                pending.append((self.step, len(batch["frames"]) * jax.process_count(), metrics))
+                pending.append((self.step, c.batch_size if kind == "video" else c.image_batch_size, metrics))
                 bar.update()
                 evaluate = bool(c.eval.every) and self.step % c.eval.every == 0
                 save = evaluate or self.step % c.checkpoint.every == 0 or self.step == until
@@ -264,27 +249,23 @@ class Trainer:
                     last_saved = self.step
                 if not pending:
                     tick = time.perf_counter()
-            if interrupted():
+            if self.step < until and stopped:
                 if pending:
                     self._flush(pending, tick, bar)
                 if last_saved != self.step:
                     self.checkpoints.save(self.step, self.state, self.train_data)
                 self.checkpoints.wait()
-                self._print(f"interrupted: saved step {self.step} in {self.checkpoints.directory}; "
+                self._print(f"stopped by a signal: saved step {self.step} in {self.checkpoints.directory}; "
                             "run the same command again to resume")
-                raise KeyboardInterrupt
+                raise coordination.Interrupted(signals.stop_signal, self.step)
         self.checkpoints.wait()
         if self.step == c.total_steps and self.step > start:
             self._export()
 
     def _export(self) -> None:
-        """Writes the final model as a vda-jax model directory (single-process runs)."""
-        if jax.process_count() > 1:  # save_model writes through a per-process temporary directory
-            self._print(f"done: step {self.step}; the model is in the latest checkpoint")
-            return
+        """Writes the final model as a vda-jax model directory (every process takes part)."""
         path = os.path.join(self.workdir, "model")
-        save_model(nnx.merge(self._graphdef, jax.device_get(self.state)).model, path, overwrite=True,
-                   metadata={"trained_steps": self.step})
+        save_model(self.model, path, overwrite=True, metadata={"trained_steps": self.step})
         self._print(f"done: step {self.step}; model saved to {path}")
 
     def evaluate(self) -> dict[str, float]:
@@ -324,18 +305,59 @@ class Trainer:
             if mask.any():
                 scores = depth_metrics(p, depth, max_depth=max_depth, mask=mask)
                 totals += (scores["abs_rel"], scores["delta1"], 1)
-        abs_rel, delta1, clips = multihost_utils.process_allgather(totals).reshape(-1, 3).sum(0)
-        return {"val_abs_rel": abs_rel / clips, "val_delta1": delta1 / clips} if clips else {}
+        abs_rel, delta1, clips = multihost_utils.process_allgather(totals * self._first_reader).reshape(-1, 3).sum(0)
+        return {"val_abs_rel": float(abs_rel / clips), "val_delta1": float(delta1 / clips)} if clips else {}
 
     def close(self) -> None:
         self.checkpoints.close()
 
 
 def train(config: config_dict.ConfigDict, workdir: str) -> None:
-    """Runs (or resumes) training to ``config.total_steps`` in ``workdir``."""
+    """Runs (or resumes) training to ``config.total_steps`` in ``workdir``, on every process of the job."""
     sharding.maybe_initialize_distributed()
-    trainer = Trainer(config, workdir)
+    with coordination.fail_together():
+        trainer = Trainer(config, workdir)
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+
+
+def model_from_checkpoint(workdir: str, output_dir: str, *, step: str | int = "best", overwrite: bool = False) -> int:
+    """Writes the model of a training checkpoint of ``workdir`` as a model directory.
+
+    Args:
+      step: "best" (by the run's ``checkpoint.best_metric``; the latest when no checkpoint has
+        been evaluated), "latest", or a step number.
+    Returns:
+      The step written.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{workdir} is not a training workdir: it has no config.json")
+    with open(config_path) as f:
+        config = config_dict.ConfigDict(json.load(f))
+    c = config.checkpoint
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=c.keep, best_metric=c.best_metric,
+                              best_mode=c.best_mode)
     try:
-        trainer.run()
+        steps = checkpoints.all_steps()
+        if not steps:
+            raise ValueError(f"{workdir} has no checkpoint yet")
+        if step in ("best", "latest"):
+            chosen = (checkpoints.best_step() if step == "best" else None) or checkpoints.latest_step()
+        elif str(step).isdigit() and int(step) in steps:
+            chosen = int(step)
+        else:
+            raise ValueError(f"step must be 'best', 'latest' or one of the kept steps {steps}, got {step!r}")
+        model = nnx.eval_shape(lambda: VideoDepthAnything(model_config_from(config.model), rngs=nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(model)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = nnx.State({"model": jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)})
+        params = checkpoints.restore(chosen, target)["model"]
     finally:
-        trainer.close()
+        checkpoints.close()
+    save_model(nnx.merge(graphdef, params), output_dir, overwrite=overwrite,
+               metadata={"trained_steps": chosen, "workdir": os.path.abspath(workdir)})
+    return chosen

@@ -46,6 +46,8 @@ class MetricsLog:
             write_atomic(path, "".join(kept))
 
     def write(self, record: Mapping[str, float]) -> None:
+        """Appends ``record``; NumPy and JAX scalars are written as plain numbers."""
         if self._enabled:
+            line = json.dumps({k: v.item() if hasattr(v, "item") else v for k, v in record.items()})
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(line + "\n")

@@ -123,21 +123,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays split over (``data``, ``fsdp``).
+def process_rows(mesh: Mesh) -> tuple[int, int]:
+    """``(index, count)``: this process feeds row block ``index`` of ``count`` equal blocks of a batch.
 
-    Every process passes its own ``B / process_count`` rows; together they form the batch.
+    A batch is split over the ``BATCH_AXES`` of the mesh; the devices of a process must hold
+    one contiguous run of those shards (as ``jax.make_mesh`` lays processes out). Processes
+    whose devices differ only along other axes feed the same block.
     """
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_dims = [mesh.axis_names.index(a) for a in BATCH_AXES]
+    sizes = [mesh.devices.shape[d] for d in batch_dims]
+    mine = sorted({int(np.ravel_multi_index([pos[d] for d in batch_dims], sizes))
+                   for pos, device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()})
+    held, shards = len(mine), math.prod(sizes)
+    if mine != list(range(mine[0], mine[0] + held)) or mine[0] % held:
+        raise ValueError(f"process {jax.process_index()} holds batch shards {mine} of {shards}, not one aligned "
+                         "block; build the mesh with jax.make_mesh or order its devices by process")
+    return mine[0] // held, shards // held
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays split over ``BATCH_AXES``.
+
+    Every process passes the row block ``process_rows(mesh)`` names; together they form the batch.
+    """
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     sizes = {len(v) for v in local.values()}
     rows = sizes.pop()
     if sizes:
         raise ValueError(f"batch arrays disagree on the batch size: {sorted({rows, *sizes})}")
-    if (rows * jax.process_count()) % shards:
-        raise ValueError(f"a global batch of {rows * jax.process_count()} does not split over data x fsdp = "
+    total = rows * process_rows(mesh)[1]
+    if total % shards:
+        raise ValueError(f"a global batch of {total} does not split over {' x '.join(BATCH_AXES)} = "
                          f"{shards} devices; make the batch size a multiple of {shards}")
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (total, *np.shape(v)[1:]))
+            for k, v in local.items()}
 
 
 def place(tree: nnx.State, shardings: nnx.State) -> nnx.State:
