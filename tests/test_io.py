@@ -240,6 +240,6 @@ def test_exr_writer_names_the_extra_when_openexr_is_missing(tmp_path, monkeypatc
         return None if name == "OpenEXR" else find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec_without_openexr)
-    with pytest.raises(ModuleNotFoundError, match=r"vda-jax\[exr\]"):
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[exr\]"'):
         outputs.ExrDepthWriter(str(tmp_path / "clip_depths_exr"))
     assert os.listdir(tmp_path) == []
