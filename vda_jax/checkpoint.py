@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +62,8 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
         raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)  # not mkdtemp, whose 0700 would outlive the rename: the umask decides, as for any folder
     try:
         yield tmp
         if os.path.exists(path):

@@ -239,5 +239,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``vda-jax`` console script: ``main``, ending the process at once after Ctrl-C.
+
+    An interrupt can leave XLA compiling in its own threads, and finalising Python
+    under them may crash (exit 139); ``main`` has cleaned up by then, so the
+    process ends without finalising.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
