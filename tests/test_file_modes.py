@@ -13,7 +13,7 @@ def _umask() -> int:
 
 def test_model_directory_and_logs_follow_the_umask(tiny_model_dir, tmp_path):
     mask = _umask()
-    for root, dirs, names in os.walk(tiny_model_dir):
+    for root, _, names in os.walk(tiny_model_dir):
         assert os.stat(root).st_mode & 0o777 == 0o777 & ~mask, root
         for name in names:
             assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~mask, name

@@ -159,9 +159,8 @@ class VideoOutputs:
                 if os.path.isdir(path):  # --overwrite of a frame folder: no stale frames past the new end
                     shutil.rmtree(path)
                 os.replace(self.staged[key], path)
-            self.committed = True
-        self.finished = True
-        shutil.rmtree(self.stage, ignore_errors=True)
+            self.committed = self.finished = True
+            shutil.rmtree(self.stage, ignore_errors=True)
 
     def abort(self) -> None:
         """Stops decoding and encoding (the caller's decode thread has ended) and removes the staging folder."""
@@ -192,7 +191,7 @@ def _interrupts_held() -> Iterator[None]:
 
 
 def _remove_stale(output_dir: str, name: str) -> None:
-    """Removes the temporaries an interrupted or killed run left for ``name``."""
+    """Removes the temporaries of ``name``'s outputs: this run's, or those an interrupted or killed one left."""
     stale = re.compile(rf"\.{re.escape(name)}_(outputs|src|vis|depths)\.[0-9a-f]{{8}}\.tmp(\.\w+)?")
     for entry in os.listdir(output_dir):
         if stale.fullmatch(entry):
@@ -293,6 +292,8 @@ def _infer_share(model: VideoDepthAnything, sources: list[str], options: OutputO
     finally:
         for sink in sinks.values():
             sink.abort()  # all but the committed ones: what an exception or Ctrl-C cut short
+        for source in sources:  # and a sink cut short while it was being made
+            _remove_stale(options.output_dir, source_name(source))
         bar.close()
     report.written = [source for source, sink in sinks.items() if sink.committed]
     return report
