@@ -119,9 +119,16 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
     params_dir = os.path.join(os.path.abspath(path), "params")
     if not os.path.isdir(params_dir):
         raise CheckpointFormatError(f"{path} has no params/ directory: the model directory is incomplete")
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(abstract))
+    # Every process reads the whole model onto its first local device, on its own: with
+    # several processes, orbax would otherwise sync them and restore global arrays.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          nnx.to_pure_dict(abstract))
+    process = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
+                                               barrier_sync_key_prefix=f"load-{process}")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=local) as checkpointer:
             restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax raises many types for truncated or foreign trees
         raise CheckpointFormatError(f"cannot read the parameters in {params_dir}: {e}".splitlines()[0]) from e
