@@ -213,9 +213,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_split_the_videos(tiny_model_dir, tmp_path, capsys):
-    """`vda-jax infer` on 2 processes (a coordinator on 127.0.0.1, 2 CPU devices each): every output once,
-    equal to a 1-process run's, and a re-run skips them all."""
+def _run_two_processes(args: list[str]) -> list[tuple[int, str, str]]:
+    """Runs `vda-jax ARGS` as 2 processes (a coordinator on 127.0.0.1, 2 CPU devices each); (code, out, err) each."""
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "vda_jax.cli", *args],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in processes]
+        return [(p.returncode, out, err) for p, (out, err) in zip(processes, results)]
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
+    """Every output once, equal to a 1-process run's; a re-run skips them, and a failure on one process
+    does not hold up the other."""
     inputs = tmp_path / "videos"
     inputs.mkdir()
     y, x = np.mgrid[:32, :48]
@@ -223,26 +239,18 @@ def test_two_processes_split_the_videos(tiny_model_dir, tmp_path, capsys):
         _write_video(inputs / f"v{i}.mp4", np.stack([np.uint8(128 + 100 * np.sin((x + 3 * t + 7 * i) / 6 + y / 9))
                                                      [..., None].repeat(3, -1) for t in range(n)]))
     out, single = tmp_path / "out", tmp_path / "single"
-    args = ["infer", str(inputs), "--checkpoint", str(tiny_model_dir), "--input-size", "28", "--save-npz", "--quiet"]
-    port = _free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, "-m", "vda_jax.cli", *args, "--output-dir", str(out)],
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
-             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        assert cli.main([*args, "--output-dir", str(single)]) == 0  # meanwhile, the 1-process run
-        results = [p.communicate(timeout=120) for p in processes]
-    finally:
-        for p in processes:
-            p.kill()
-    for i, (p, (stdout, stderr)) in enumerate(zip(processes, results)):
-        assert p.returncode == 0, stderr
+    args = ["infer", "--checkpoint", str(tiny_model_dir), "--input-size", "28", "--save-npz", "--quiet"]
+    assert cli.main([*args, str(inputs), "--output-dir", str(single)]) == 0
+    for i, (code, stdout, stderr) in enumerate(_run_two_processes([*args, str(inputs), "--output-dir", str(out)])):
+        assert code == 0, stderr
         assert stdout.strip() == f"process {i} of 2: 2 of 2 videos written to {out}", stderr
     assert sorted(os.listdir(out)) == sorted(os.listdir(single)) and len(os.listdir(out)) == 12
     for i in range(4):
         np.testing.assert_array_equal(np.load(out / f"v{i}_depths.npz")["depths"],
                                       np.load(single / f"v{i}_depths.npz")["depths"])
-    capsys.readouterr()
-    assert cli.main([*args, "--output-dir", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == f"0 of 4 videos written to {out}; 4 done before"
+    broken = tmp_path / "broken.mp4"  # sorts first: process 0's
+    broken.write_bytes(b"")
+    (code0, stdout0, _), (code1, stdout1, stderr1) = _run_two_processes(
+        [*args, str(inputs), str(broken), "--output-dir", str(out)])
+    assert (code0, stdout0.strip()) == (1, f"process 0 of 2: 0 of 3 videos written to {out}; 2 done before; 1 failed")
+    assert (code1, stdout1.strip()) == (0, f"process 1 of 2: 0 of 2 videos written to {out}; 2 done before"), stderr1
