@@ -1,17 +1,27 @@
 """`vda-jax infer` end to end on videos the test writes: outputs, batching, resume and bad input."""
 
+import contextlib
 import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vda_jax import cli
 from vda_jax.assets import SAMPLE_RENDER
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.data.synthetic import render_video
 from vda_jax.eval.metrics import depth_metrics
+from vda_jax.inference import files
 from vda_jax.inference.video import infer_video_depth
-from vda_jax.io.video import VideoWriter, read_frames
+from vda_jax.io import outputs
+from vda_jax.io.video import VideoWriter, probe, read_frames
 
 
 def _write_video(path, frames, fps=10):
@@ -49,28 +59,75 @@ def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, video
         np.testing.assert_allclose(depths, expected, rtol=1e-5, atol=1e-5 * expected.max())
         assert len(list(read_frames(str(out / f"{name}_vis.mp4")))) == len(depths)
     # A second run finds everything done and skips it.
+    capsys.readouterr()
     assert cli.main(args) == 0
-    assert capsys.readouterr().err.count("outputs exist, skipping") == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("outputs exist, skipping") == 2
+    assert captured.out.strip() == f"0 of 2 videos written to {out}; 2 done before"
 
 
-def test_unreadable_video_fails_alone(tiny_model_dir, videos, tmp_path, capsys):
+def test_unreadable_video_fails_alone_odd_sizes_are_stated_stale_temporaries_go(tiny_model_dir, videos, tmp_path,
+                                                                                  capsys):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00" * 1000)
+    odd = tmp_path / "odd"  # 33x47 frames: an mp4 cannot hold them, so images
+    odd.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((33, 47, 3), 40 * i, np.uint8)).save(odd / f"{i}.png")
     out = tmp_path / "out"
-    code = cli.main(["infer", str(bad), str(videos[1]), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
-                     "--input-size", "28", "--quiet"])
+    out.mkdir()
+    (out / ".clip1_outputs.0123abcd.tmp").mkdir()  # what a killed run leaves
+    (out / ".clip1_outputs.0123abcd.tmp" / "clip1_src.mp4").write_bytes(b"partial")
+    (out / ".odd_src.89abcdef.tmp.mp4").write_bytes(b"partial")
+    (out / ".clip10_src.89abcdef.tmp.mp4").write_bytes(b"another video's")
+    code = cli.main(["infer", str(bad), str(videos[1]), str(odd), "--checkpoint", str(tiny_model_dir),
+                     "--output-dir", str(out), "--input-size", "28", "--save-npz", "--quiet"])
     assert code == 1
-    err = capsys.readouterr().err
-    assert "broken.mp4" in err and "Traceback" not in err
-    assert sorted(os.listdir(out)) == ["clip1_src.mp4", "clip1_vis.mp4"]
+    captured = capsys.readouterr()
+    assert "broken.mp4" in captured.err and "Traceback" not in captured.err
+    assert f"{odd}: the mp4s are padded to 48x34 (H.264 yuv420p has no odd sizes); the depth files keep 47x33" \
+        in captured.err
+    assert captured.out.strip() == f"2 of 3 videos written to {out}; 1 failed"
+    assert sorted(os.listdir(out)) == [".clip10_src.89abcdef.tmp.mp4", "clip1_depths.npz", "clip1_src.mp4",
+                                       "clip1_vis.mp4", "odd_depths.npz", "odd_src.mp4", "odd_vis.mp4"]
+    assert np.load(out / "odd_depths.npz")["depths"].shape == (5, 33, 47)
+    for name in ("odd_src.mp4", "odd_vis.mp4"):
+        info = probe(str(out / name))
+        assert (info.num_frames, info.height, info.width) == (5, 34, 48)
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert cli.main(["infer", str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path)]) == 1
+def _error(capsys) -> str:
     err = capsys.readouterr().err.strip()
-    assert err.startswith("vda-jax infer: error:") and "missing.mp4" in err and "\n" not in err
+    assert err.startswith("vda-jax infer: error:") and "\n" not in err, err
+    return err
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monkeypatch):
+    assert cli.main(["infer", str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path)]) == 1
+    assert "missing.mp4" in _error(capsys)
     with pytest.raises(SystemExit):
         cli.main(["infer", "x.mp4", "--batch-size", "0"])
+    capsys.readouterr()
+    video = str(videos[1])
+    assert cli.main(["infer", video, "--checkpoint", str(tmp_path / "nowhere")]) == 1
+    assert "--checkpoint" in (err := _error(capsys)) and "nowhere' does not exist" in err
+    (tmp_path / "a_file").write_text("")
+    assert cli.main(["infer", video, "--output-dir", str(tmp_path / "a_file")]) == 1
+    assert "a_file' is a file; name a folder" in _error(capsys)
+    # Checked before the model loads (the checkpoint is missing too), with the README's install command.
+    monkeypatch.setattr(outputs, "exr_available", lambda: False)
+    out = tmp_path / "out"
+    assert cli.main(["infer", video, "--save-exr", "--checkpoint", str(tmp_path / "nowhere"),
+                     "--output-dir", str(out)]) == 1
+    assert _error(capsys).endswith('--save-exr needs the OpenEXR package: pip install -e ".[exr]"')
+    assert 'pip install -e ".[exr]"' in (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    # A run that writes nothing leaves no output folder behind.
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"")
+    for extra in ([str(broken)], [video, "--input-size", "13"]):
+        assert cli.main(["infer", *extra, "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
+                         "--quiet"]) == 1
+        assert not out.exists()
 
 
 def test_bundled_model_gives_depth_for_the_sample(tmp_path):
@@ -90,3 +147,110 @@ def test_bundled_model_gives_depth_for_the_sample(tmp_path):
     rows = np.broadcast_to(np.arange(1, depths.shape[1] + 1, dtype=np.float32)[:, None], depths.shape)
     prior = depth_metrics(rows, truth["depth"], max_depth=80.0, mask=truth["mask"])
     assert scores["delta1"] > prior["delta1"] + 0.1 and scores["abs_rel"] < 0.5 * prior["abs_rel"]
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
+    """SIGINT while the first window compiles, with the decoder and the encoder running."""
+    video = tmp_path / "long.mp4"
+    y, x = np.mgrid[:40, :56]
+    _write_video(video, np.stack([np.uint8(128 + 100 * np.sin((x + 2 * t) / 6 + y / 9))[..., None].repeat(3, -1)
+                                  for t in range(200)]))
+    out = tmp_path / "out"
+    env = {**os.environ, "VDA_JAX_CACHE_DIR": str(tmp_path / "cache"),  # an empty cache: the window compiles
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen([sys.executable, "-m", "vda_jax.cli", "infer", str(video), "--checkpoint",
+                                str(tiny_model_dir), "--output-dir", str(out), "--input-size", "28", "--save-npz",
+                                "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_dir() and os.listdir(out)) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [n.startswith(".long_outputs.") for n in os.listdir(out)] == [True]  # staging: video under way
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "vda-jax: interrupted" and "Traceback" not in err
+    assert not out.exists(), os.listdir(out)  # no temporary, no partial output, not the folder this run made
+    assert _processes_naming(str(tmp_path)) == []  # no ffmpeg left decoding or encoding
+
+
+def test_ctrl_c_while_outputs_move_waits_for_all_of_them(tmp_path, monkeypatch):
+    options = files.OutputOptions(str(tmp_path), save_npz=True)
+    paths = files.output_paths("clip.mp4", options)
+    sink = files.VideoOutputs("clip", paths, 10, options)
+    frames = np.zeros((3, 16, 16, 3), np.uint8)
+    list(sink.tee(frame for frame in frames))
+    sink.write(np.ones((3, 16, 16), np.float32))
+    replace = os.replace
+
+    def interrupted_replace(source, target):
+        replace(source, target)
+        if os.path.dirname(target) == str(tmp_path):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once an output is in place
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        sink.close()
+    assert sorted(os.listdir(tmp_path)) == ["clip_depths.npz", "clip_src.mp4", "clip_vis.mp4"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(args: list[str]) -> list[tuple[int, str, str]]:
+    """Runs `vda-jax ARGS` as 2 processes (a coordinator on 127.0.0.1, 2 CPU devices each); (code, out, err) each."""
+    port = _free_port()
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "vda_jax.cli", *args],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
+             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=120) for p in processes]
+        return [(p.returncode, out, err) for p, (out, err) in zip(processes, results)]
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
+    """Every output once, equal to a 1-process run's; a re-run skips them, and a failure on one process
+    does not hold up the other."""
+    inputs = tmp_path / "videos"
+    inputs.mkdir()
+    y, x = np.mgrid[:32, :48]
+    for i, n in enumerate([10, 8, 12, 8]):
+        _write_video(inputs / f"v{i}.mp4", np.stack([np.uint8(128 + 100 * np.sin((x + 3 * t + 7 * i) / 6 + y / 9))
+                                                     [..., None].repeat(3, -1) for t in range(n)]))
+    out, single = tmp_path / "out", tmp_path / "single"
+    args = ["infer", "--checkpoint", str(tiny_model_dir), "--input-size", "28", "--save-npz", "--quiet"]
+    assert cli.main([*args, str(inputs), "--output-dir", str(single)]) == 0
+    for i, (code, stdout, stderr) in enumerate(_run_two_processes([*args, str(inputs), "--output-dir", str(out)])):
+        assert code == 0, stderr
+        assert stdout.strip() == f"process {i} of 2: 2 of 2 videos written to {out}", stderr
+    assert sorted(os.listdir(out)) == sorted(os.listdir(single)) and len(os.listdir(out)) == 12
+    for i in range(4):
+        np.testing.assert_array_equal(np.load(out / f"v{i}_depths.npz")["depths"],
+                                      np.load(single / f"v{i}_depths.npz")["depths"])
+    broken = tmp_path / "broken.mp4"  # sorts first: process 0's
+    broken.write_bytes(b"")
+    (code0, stdout0, _), (code1, stdout1, stderr1) = _run_two_processes(
+        [*args, str(inputs), str(broken), "--output-dir", str(out)])
+    assert (code0, stdout0.strip()) == (1, f"process 0 of 2: 0 of 3 videos written to {out}; 2 done before; 1 failed")
+    assert (code1, stdout1.strip()) == (0, f"process 1 of 2: 0 of 2 videos written to {out}; 2 done before"), stderr1

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vda_jax.io import outputs
-from vda_jax.io.video import VideoError, VideoInfo, VideoWriter, expand_inputs, probe, read_frames
+from vda_jax.io.video import VideoError, VideoInfo, VideoWriter, expand_inputs, probe, read_frames, source_name
 
 # Matplotlib's inferno entries 0, 128 and 255, times 255 and truncated (as the official visualisation does).
 INFERNO_FIRST, INFERNO_128, INFERNO_LAST = (0, 0, 3), (187, 55, 84), (252, 254, 164)
@@ -240,6 +240,31 @@ def test_exr_writer_names_the_extra_when_openexr_is_missing(tmp_path, monkeypatc
         return None if name == "OpenEXR" else find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec_without_openexr)
-    with pytest.raises(ModuleNotFoundError, match=r"vda-jax\[exr\]"):
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[exr\]"'):
         outputs.ExrDepthWriter(str(tmp_path / "clip_depths_exr"))
     assert os.listdir(tmp_path) == []
+
+
+def test_truncated_video_fails_with_its_frame_counts(tmp_path):
+    """A faststart mp4 cut in half: its header still declares 70 frames, the decoder stops early."""
+    whole = tmp_path / "whole.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=s=48x32:r=30",
+                    "-frames:v", "70", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(whole)], check=True)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:len(data) // 2])
+    assert len(list(read_frames(str(whole)))) == 70
+    assert len(list(read_frames(str(cut), max_len=3))) == 3  # frames before the cut are fine
+    with pytest.raises(VideoError, match=r"cut\.mp4.* ends after \d+ of the 70 frames .* truncated") as error:
+        list(read_frames(str(cut)))
+    assert "\n" not in str(error.value)
+
+
+def test_source_names(image_folder, counter_video, monkeypatch):
+    assert source_name(counter_video) == "counter"
+    assert source_name(str(image_folder)) == source_name(str(image_folder) + "/") == "frames"
+    assert source_name(str(image_folder / "frame_%d.png")) == "frames"  # named after the folder, not the pattern
+    assert source_name(str(image_folder / "frame_*.png")) == "frames"
+    monkeypatch.chdir(image_folder)
+    assert source_name("frame_%d.png") == "frames"
+

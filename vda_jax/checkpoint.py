@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,7 +75,8 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
         multihost_utils.sync_global_devices(f"created {tmp}")
     else:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.mkdir(tmp)  # not mkdtemp, whose 0700 would outlive the rename: the umask decides, as for any folder
     try:
         yield tmp
         if multi_process:

@@ -83,32 +83,43 @@ def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    import jax
+
     from vda_jax.assets import SAMPLE_VIDEO
     from vda_jax.inference import files
     from vda_jax.io.video import expand_inputs
+    from vda_jax.train.sharding import maybe_initialize_distributed
 
-    _enable_compilation_cache()
-    sources = expand_inputs(args.inputs + ([SAMPLE_VIDEO] if args.sample else []))
-    if not sources:
-        raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
-    model, input_size = _load_model(args.checkpoint)
     options = files.OutputOptions(args.output_dir, grayscale=args.grayscale, save_npz=args.save_npz,
                                   save_exr=args.save_exr, save_ply=args.save_ply,
                                   focal_length=(args.focal_length_x, args.focal_length_y), overwrite=args.overwrite)
+    files.check_options(options)
+    sources = expand_inputs(args.inputs + ([SAMPLE_VIDEO] if args.sample else []))
+    if not sources:
+        raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
+    maybe_initialize_distributed()  # several processes split the inputs, each on its own devices
+    _enable_compilation_cache()
+    model, input_size = _load_model(args.checkpoint)
     read = files.ReadOptions(max_res=args.max_res, max_len=args.max_len, target_fps=args.target_fps)
-    failed = files.infer_files(model, sources, options, read, input_size=args.input_size or input_size,
-                               precision=args.precision,
-                               batch_size=args.batch_size, streaming=args.streaming, progress=not args.quiet)
-    done = len(sources) - len(failed)
-    print(f"{done}/{len(sources)} videos written to {args.output_dir}" + (f"; {len(failed)} failed" if failed else ""))
-    return 1 if failed else 0
+    share = (jax.process_index(), jax.process_count())
+    report = files.infer_files(model, sources, options, read, input_size=args.input_size or input_size,
+                               precision=args.precision, batch_size=args.batch_size, streaming=args.streaming,
+                               progress=not args.quiet, share=share)
+    total = len(report.written) + len(report.skipped) + len(report.failed)
+    summary = [f"{len(report.written)} of {total} videos written to {args.output_dir}"]
+    summary += [f"{len(report.skipped)} done before"] if report.skipped else []
+    summary += [f"{len(report.failed)} failed"] if report.failed else []
+    print((f"process {share[0]} of {share[1]}: " if share[1] > 1 else "") + "; ".join(summary))
+    return 1 if report.failed else 0
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="depth for videos, image folders or image sequences",
                        description="Consistent depth for videos of any length (the official sliding-window "
                                    "algorithm), many videos per compiled step; writes <name>_src.mp4, "
-                                   "<name>_vis.mp4 and the requested raw outputs.")
+                                   "<name>_vis.mp4 and the requested raw outputs. Launched on several "
+                                   "processes (SLURM, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                                   "JAX_PROCESS_ID), the processes split the inputs.")
     p.add_argument("inputs", nargs="*", help="video files, folders (of videos, or of images), globs, "
                                              "printf patterns such as frames/%%05d.png")
     p.add_argument("--sample", action="store_true", help="also process the bundled sample video")
@@ -122,7 +133,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="compute precision (default: bf16 on GPU, "
                                                                    "fp32 on CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
-                   help="videos of one frame size processed together (sharded over all devices)")
+                   help="videos of one frame size processed together (sharded over this process's devices)")
     p.add_argument("--streaming", action="store_true", help="causal streaming mode (one frame in, one depth out)")
     p.add_argument("--grayscale", action="store_true", help="grey instead of the inferno colour map")
     p.add_argument("--save-npz", action="store_true", help="also write <name>_depths.npz (key 'depths')")
@@ -218,6 +229,9 @@ def _load_model(checkpoint: str | None):
         from vda_jax.assets import bundled_model_dir
 
         checkpoint = bundled_model_dir()
+    elif not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist; give a model directory from "
+                                "`vda-jax convert` or training")
     _, info = read_config(checkpoint)
     return load_checkpoint(checkpoint), int(info.get("input_size", 518))
 
@@ -247,5 +261,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``vda-jax`` console script: ``main``, ending the process at once after Ctrl-C.
+
+    An interrupt can leave XLA compiling in its own threads, and finalising Python
+    under them may crash (exit 139); ``main`` has cleaned up by then, so the
+    process ends without finalising.
+    """
+    code = main()
+    # In a multi-process job the processes stop together and leave through JAX's shutdown barrier.
+    if code == 130 and not ("jax" in sys.modules and sys.modules["jax"].process_count() > 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

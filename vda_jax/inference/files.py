@@ -3,25 +3,36 @@
 For each source ``<name>`` the outputs are ``<name>_src.mp4`` (the frames as
 processed), ``<name>_vis.mp4`` (inferno depth, normalised over the whole video)
 and, on request, ``<name>_depths.npz`` (key ``depths``), ``<name>_depths_exr/``
-and, for metric models, ``<name>_ply/`` point clouds. Every file appears
-atomically when its video is done, so an interrupted run is resumed by running
-it again: finished videos are skipped.
+and, for metric models, ``<name>_ply/`` point clouds. ``<name>`` is a video's
+file stem, a folder's name, or an image pattern's folder name. A video's outputs
+are written into a hidden staging folder and moved into place together when it
+is done (Ctrl-C waits for the move), so a video has all of its outputs or none,
+and an interrupted run is resumed by running it again: finished videos are
+skipped and the staging folders of interrupted ones are removed.
+
+Several processes (``share``) split the sources round-robin, each writing its own.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
+import re
+import shutil
+import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+import threading
+import uuid
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import tqdm
 
 from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
-from vda_jax.io.video import VideoInfo, VideoWriter, probe, read_frames
+from vda_jax.io.video import VideoInfo, VideoWriter, encoded_shape, probe, read_frames, source_name
 from vda_jax.models.vda import VideoDepthAnything
 
 
@@ -45,10 +56,26 @@ class OutputOptions:
     overwrite: bool = False
 
 
+@dataclasses.dataclass
+class Report:
+    """What ``infer_files`` did with each of its sources."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # outputs existed
+    failed: list[str] = dataclasses.field(default_factory=list)  # each logged in one line
+
+
+def check_options(options: OutputOptions) -> None:
+    """Raises ValueError for options that cannot work, before any model is loaded."""
+    if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
+        raise ValueError(f"--output-dir {options.output_dir!r} is a file; name a folder (it is created if missing)")
+    if options.save_exr and not outputs.exr_available():
+        raise ValueError(f"--save-exr needs the OpenEXR package: {outputs.EXR_INSTALL}")
+
+
 def output_paths(source: str, options: OutputOptions) -> dict[str, str]:
     """The files (and folders) written for ``source``."""
-    name = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    base = os.path.join(options.output_dir, name)
+    base = os.path.join(options.output_dir, source_name(source))
     paths = {"src": f"{base}_src.mp4", "vis": f"{base}_vis.mp4"}
     if options.save_npz:
         paths["npz"] = f"{base}_depths.npz"
@@ -82,72 +109,154 @@ class _PlyWriter:
 
 
 class VideoOutputs:
-    """The sink of one video: the processed source video and every requested depth output."""
+    """The sink of one video: the processed source video and every requested depth output.
 
-    def __init__(self, paths: dict[str, str], fps: float, options: OutputOptions):
+    Everything is written into a hidden staging folder beside the outputs; ``close``
+    moves it all into place, ``abort`` removes it.
+    """
+
+    def __init__(self, name: str, paths: dict[str, str], fps: float, options: OutputOptions):
         self.paths = paths
-        self.finished = False
-        self.src = VideoWriter(paths["src"], fps)
-        self.writers = [outputs.DepthVisWriter(paths["vis"], fps, grayscale=options.grayscale)]
+        self.committed = self.finished = False
+        self.stage = os.path.join(options.output_dir, f".{name}_outputs.{uuid.uuid4().hex[:8]}.tmp")
+        os.makedirs(self.stage)
+        self.staged = {key: os.path.join(self.stage, os.path.basename(path)) for key, path in paths.items()}
+        self.src = VideoWriter(self.staged["src"], fps)
+        self.writers = [outputs.DepthVisWriter(self.staged["vis"], fps, grayscale=options.grayscale)]
         if "npz" in paths:
-            self.writers.append(outputs.NpzDepthWriter(paths["npz"]))
+            self.writers.append(outputs.NpzDepthWriter(self.staged["npz"]))
         if "exr" in paths:
-            self.writers.append(outputs.ExrDepthWriter(paths["exr"]))
-        self.ply = _PlyWriter(paths["ply"], options.focal_length) if "ply" in paths else None
+            self.writers.append(outputs.ExrDepthWriter(self.staged["exr"]))
+        self.ply = _PlyWriter(self.staged["ply"], options.focal_length) if "ply" in paths else None
         if self.ply:
             self.writers.append(self.ply)
+        self._tee: Generator[np.ndarray] | None = None
 
-    def tee(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    def tee(self, frames: Generator[np.ndarray]) -> Iterator[np.ndarray]:
         """Passes frames through, encoding the source video (and keeping them for point clouds)."""
-        for frame in frames:
-            self.src.write(frame)
-            if self.ply:
-                self.ply.frames.append(frame)
-            yield frame
+        self._tee = self._tee_frames(frames)
+        return self._tee
+
+    def _tee_frames(self, frames: Generator[np.ndarray]) -> Generator[np.ndarray]:
+        with contextlib.closing(frames):  # stops the decoder when this is closed early
+            for frame in frames:
+                self.src.write(frame)
+                if self.ply:
+                    self.ply.frames.append(frame)
+                yield frame
 
     def write(self, depth: np.ndarray) -> None:
         for writer in self.writers:
             writer.write(depth)
 
     def close(self) -> None:
+        """Finishes every output and moves them all into place."""
         self.src.close()
         for writer in self.writers:
             writer.close()
-        self.finished = True
+        with _interrupts_held():
+            for key, path in self.paths.items():
+                if os.path.isdir(path):  # --overwrite of a frame folder: no stale frames past the new end
+                    shutil.rmtree(path)
+                os.replace(self.staged[key], path)
+            self.committed = self.finished = True
+            shutil.rmtree(self.stage, ignore_errors=True)
 
     def abort(self) -> None:
+        """Stops decoding and encoding (the caller's decode thread has ended) and removes the staging folder."""
         if not self.finished:
+            self.finished = True
+            if self._tee is not None:
+                self._tee.close()
             self.src.__exit__(RuntimeError, None, None)
             for writer in self.writers:
                 writer.abort()
-            self.finished = True
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Holds Ctrl-C back until the block is done (in the main thread, the only one Python signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _remove_stale(output_dir: str, name: str) -> None:
+    """Removes the temporaries of ``name``'s outputs: this run's, or those an interrupted or killed one left."""
+    stale = re.compile(rf"\.{re.escape(name)}_(outputs|src|vis|depths)\.[0-9a-f]{{8}}\.tmp(\.\w+)?")
+    for entry in os.listdir(output_dir):
+        if stale.fullmatch(entry):
+            path = os.path.join(output_dir, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
                 input_size: int = 518, precision: str | None = None, batch_size: int = 1,
-                streaming: bool = False, progress: bool = True,
-                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[str]:
-    """Writes depth outputs for every source; returns the sources that failed (each logged in one line)."""
-    names = [os.path.basename(output_paths(s, options)["src"]) for s in sources]
+                streaming: bool = False, progress: bool = True, share: tuple[int, int] = (0, 1),
+                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Report:
+    """Writes depth outputs for this process's share of ``sources``.
+
+    ``share = (index, count)``: process ``index`` of ``count`` takes every
+    ``count``-th source from the ``index``-th, so processes that are given the same
+    list write each output once. Outputs that exist are skipped unless
+    ``options.overwrite``. An output folder that this call created and left empty
+    is removed.
+    """
+    names = [source_name(s) for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"several inputs would write {duplicates[0]}; process them into different --output-dir")
+        raise ValueError(f"several inputs would write {duplicates[0]}_src.mp4; process them into different "
+                         "--output-dir")
     if options.save_ply and not model.config.metric:
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
+    check_options(options)
+    created = not os.path.isdir(options.output_dir)
     os.makedirs(options.output_dir, exist_ok=True)
-    failed: list[str] = []
+    try:
+        return _infer_share(model, sources[share[0]::share[1]], options, read, input_size=input_size,
+                            precision=precision, batch_size=batch_size, streaming=streaming, progress=progress,
+                            log=log)
+    finally:
+        with contextlib.suppress(OSError):  # not empty (or already gone): keep it
+            if created:
+                os.rmdir(options.output_dir)
+
+
+def _infer_share(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
+                 input_size: int, precision: str | None, batch_size: int, streaming: bool, progress: bool,
+                 log: Callable[[str], None]) -> Report:
+    report = Report()
     infos: dict[tuple[int, int], list[VideoInfo]] = collections.defaultdict(list)
     for source in sources:
         paths = output_paths(source, options)
         if not options.overwrite and all(os.path.exists(p) for p in paths.values()):
             log(f"{source}: outputs exist, skipping (pass --overwrite to redo)")
+            report.skipped.append(source)
             continue
+        _remove_stale(options.output_dir, source_name(source))
         try:
             info = probe(source).subsampled(max_res=read.max_res, max_len=read.max_len, target_fps=read.target_fps)
         except (ValueError, OSError) as e:
             log(f"{source}: error: {e}")
-            failed.append(source)
+            report.failed.append(source)
             continue
+        height, width = encoded_shape(info.height, info.width)
+        if (height, width) != (info.height, info.width):
+            log(f"{source}: the mp4s are padded to {width}x{height} (H.264 yuv420p has no odd sizes); "
+                f"the depth files keep {info.width}x{info.height}")
         infos[(info.height, info.width)].append(info)
 
     total = sum(i.num_frames for group in infos.values() for i in group)
@@ -156,15 +265,21 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
 
     def jobs(group: list[VideoInfo]) -> Iterator[VideoJob]:
         for info in group:
-            sink = VideoOutputs(output_paths(info.path, options), info.fps, options)
+            try:  # probes again: the file may have changed since
+                frames = read_frames(info.path, max_res=read.max_res, max_len=read.max_len,
+                                     target_fps=read.target_fps)
+            except (ValueError, OSError) as e:
+                log(f"{info.path}: error: {e}")
+                report.failed.append(info.path)
+                continue
+            sink = VideoOutputs(source_name(info.path), output_paths(info.path, options), info.fps, options)
             sinks[info.path] = sink
-            frames = read_frames(info.path, max_res=read.max_res, max_len=read.max_len, target_fps=read.target_fps)
             yield VideoJob(sink.tee(frames), sink, info.path)
 
     def on_error(job: VideoJob, error: Exception) -> None:
         job.sink.abort()
         log(f"{job.name}: error: {error}")
-        failed.append(job.name)
+        report.failed.append(job.name)
 
     try:
         for frame_size, group in infos.items():
@@ -174,13 +289,14 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
             else:
                 run_videos(model, frame_size, jobs(group), input_size=input_size, precision=precision,
                            slots=min(batch_size, len(group)), on_frames=bar.update, on_error=on_error)
-    except BaseException:
-        for sink in sinks.values():
-            sink.abort()
-        raise
     finally:
+        for sink in sinks.values():
+            sink.abort()  # all but the committed ones: what an exception or Ctrl-C cut short
+        for source in sources:  # and a sink cut short while it was being made
+            _remove_stale(options.output_dir, source_name(source))
         bar.close()
-    return failed
+    report.written = [source for source, sink in sinks.items() if sink.committed]
+    return report
 
 
 def _stream_job(model: VideoDepthAnything, job: VideoJob, input_size: int, precision: str | None,

@@ -11,13 +11,14 @@ host decodes and writes while the device computes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import jax
@@ -65,23 +66,39 @@ def compute_model(model: VideoDepthAnything, precision: str | None) -> VideoDept
     return with_compute_dtype(model, PRECISIONS[precision])
 
 
-def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FRAMES) -> Iterator[np.ndarray]:
-    """Iterates ``frames`` in a background thread, ``depth`` frames ahead; re-raises its errors here."""
+def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FRAMES) -> Generator[np.ndarray]:
+    """Iterates ``frames`` in a background thread, ``depth`` frames ahead; re-raises its errors here.
+
+    The thread owns ``frames``: it closes them when done, and closing this
+    generator (or an exception here, Ctrl-C included) stops the thread and waits
+    for it, so nothing touches ``frames`` afterwards.
+    """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
-    def fill():
-        try:
-            for frame in frames:
-                if stop.is_set():
-                    return
-                buffer.put(np.ascontiguousarray(frame, dtype=np.uint8))
-            buffer.put(done)
-        except BaseException as e:  # handed to the consumer
-            buffer.put(e)
+    def put(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                buffer.put(item, timeout=0.05)
+                return True
+        return False
 
-    threading.Thread(target=fill, daemon=True, name=f"decode-{name}").start()
+    def fill():
+        iterator = iter(frames)
+        try:
+            for frame in iterator:
+                if not put(np.ascontiguousarray(frame, dtype=np.uint8)):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+        finally:
+            if hasattr(iterator, "close"):
+                iterator.close()
+
+    thread = threading.Thread(target=fill, daemon=True, name=f"decode-{name}")
+    thread.start()
     try:
         while (item := buffer.get()) is not done:
             if isinstance(item, BaseException):
@@ -89,6 +106,7 @@ def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FR
             yield item
     finally:
         stop.set()
+        thread.join()
 
 
 class _Slot:
@@ -101,6 +119,10 @@ class _Slot:
         self.window = 0        # windows dispatched
         self.last: np.ndarray | None = None
         self.failed = False
+
+    def close(self) -> None:
+        """Stops reading (the decode thread ends before this returns)."""
+        self.frames.close()
 
     def take(self, count: int) -> np.ndarray:
         """The next ``count`` frames, the last real frame repeated once the video has ended."""
@@ -149,12 +171,13 @@ class WindowRunner:
     """The compiled start and window steps for one frame size and slot count.
 
     The model's parameters are placed once (replicated over the mesh); the slot
-    axis of the frames and of the carried state is sharded on ``data``.
+    axis of the frames and of the carried state is sharded on ``data``, over
+    ``devices`` (default: this process's, so processes run independently).
     """
 
     def __init__(self, model: VideoDepthAnything, frame_size: tuple[int, int], net_size: tuple[int, int],
                  slots: int, devices: Sequence[jax.Device] | None = None):
-        devices = list(devices or jax.devices())
+        devices = list(devices or jax.local_devices())
         shards = math.gcd(slots, len(devices))
         mesh = jax.make_mesh((shards,), ("data",), devices=devices[:shards], axis_types=(jax.sharding.AxisType.Auto,))
         self.frame_size, self.net_size, self.slots = frame_size, net_size, slots
@@ -180,17 +203,21 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
     """Runs every job (all of ``runner.frame_size``) through the runner's slots.
 
     A video whose frames cannot be read is handed to ``on_error`` (which re-raises by
-    default) and its slot moves on to the next video.
+    default) and its slot moves on to the next video. However this ends, every
+    decode thread has ended when it returns.
     """
     slots: list[_Slot | None] = [None] * runner.slots
     counter = itertools.count()
 
     def fail(i: int, error: Exception) -> None:
         slots[i].failed = True
+        slots[i].close()  # before on_error, which may close the job's frames
         on_error(slots[i].job, error)
         assign(i)
 
     def assign(i: int) -> None:
+        if slots[i]:
+            slots[i].close()
         slots[i] = None
         while slots[i] is None and (job := next(jobs, None)) is not None:
             slots[i] = _Slot(next(counter), job, runner.frame_size)
@@ -208,8 +235,19 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
         return idle
 
     idle = np.zeros((window.STRIDE, *runner.frame_size, 3), np.uint8)
-    for i in range(runner.slots):
-        assign(i)
+    try:
+        for i in range(runner.slots):
+            assign(i)
+        _run_slots(runner, slots, assign, next_frames, on_frames)
+    finally:
+        for slot in slots:
+            if slot:
+                slot.close()
+
+
+def _run_slots(runner: WindowRunner, slots: list[_Slot | None], assign: Callable[[int], None],
+               next_frames: Callable[[int], np.ndarray], on_frames: Callable[[int], None]) -> None:
+    """Steps until every slot is empty, collecting each step's depths while the next one runs."""
     in_flight = None  # (output, [(slot index, slot, window index, ended)]) of the last dispatched step
     while any(slots) or in_flight:
         dispatched = None

@@ -26,6 +26,7 @@ import numpy as np
 from vda_jax.io._inferno import INFERNO
 from vda_jax.io.video import AtomicPath, VideoWriter
 
+EXR_INSTALL = 'pip install -e ".[exr]"'  # the README's command, run in the vda-jax folder
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ENCODE_CHUNK = 4  # frames coloured at once when encoding the visualisation
 
@@ -219,12 +220,12 @@ class ExrDepthWriter(_DepthWriter):
 
     Each frame file appears atomically as it is written, so ``close`` and
     ``abort`` have nothing left to do; they exist to share the writers' interface.
-    Needs the optional OpenEXR package (``pip install 'vda-jax[exr]'``).
+    Needs the optional OpenEXR package (``EXR_INSTALL``).
     """
 
     def __init__(self, directory: str):
-        if importlib.util.find_spec("OpenEXR") is None:
-            raise ModuleNotFoundError("writing EXR needs the OpenEXR package: pip install 'vda-jax[exr]'.")
+        if not exr_available():
+            raise ModuleNotFoundError(f"writing EXR needs the OpenEXR package: {EXR_INSTALL}")
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.num_frames = 0
@@ -245,6 +246,11 @@ class ExrDepthWriter(_DepthWriter):
 
     def abort(self) -> None:
         pass
+
+
+def exr_available() -> bool:
+    """Whether the optional OpenEXR package is installed."""
+    return importlib.util.find_spec("OpenEXR") is not None
 
 
 def _depth_frames(depth: np.ndarray) -> np.ndarray:

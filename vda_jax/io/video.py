@@ -1,7 +1,10 @@
 """Frames in and out: lazy decoding of videos and image sequences, streaming mp4 encoding.
 
-Decoding and encoding run in an ffmpeg subprocess (imageio-ffmpeg), so memory
-stays constant in the video's length: frames arrive one at a time over a pipe.
+Decoding and encoding run in an ffmpeg subprocess, so memory stays constant in
+the video's length: frames arrive one at a time over a pipe. Images are read
+with imageio (its pillow plugin) and videos written with imageio's ffmpeg
+plugin; videos are decoded one layer lower, by imageio-ffmpeg, which
+lets us set the decoder's own filters (see ``_decode_video``).
 
 Resizing for ``max_res`` is done by ffmpeg's ``scale`` filter (libswscale,
 bicubic), inside the decoder process. This is the resize the official code gets
@@ -9,6 +12,10 @@ from decord, its default reader, which builds the same ``scale=W:H`` filter; it
 also means full-resolution frames never cross the pipe. Image sequences have
 no ffmpeg decoder in the loop and are resized with Pillow's bicubic filter,
 which, like libswscale, widens its kernel when downscaling.
+
+Videos are written as H.264 yuv420p, which every player reads but which has no
+odd sizes: an odd-sized frame is padded by one black row or column at the
+bottom or right (``encoded_shape``); depth files keep the exact size.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
+import imageio.v2
+import imageio.v3 as iio
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
@@ -112,8 +121,7 @@ def probe(source: str) -> VideoInfo:
     """
     files = _image_files(source)
     if files is not None:
-        with _open_image(files[0]) as image:
-            width, height = image.size
+        height, width = _image_size(files[0])
         return VideoInfo(source, len(files), IMAGE_SEQUENCE_FPS, height, width)
     meta, frames = _start_ffmpeg(source)
     frames.close()
@@ -143,6 +151,20 @@ def read_frames(source: str, *, max_res: int = -1, max_len: int = -1, target_fps
     info = probe(source)
     shape = resized_shape(info.height, info.width, max_res)
     return _read_frames(info, shape, frame_stride(info.fps, target_fps), max_len)
+
+
+def source_name(source: str) -> str:
+    """The name of a source's outputs: a video file's stem, a folder's name, an image pattern's folder name."""
+    path = os.path.normpath(source)
+    if not os.path.exists(path) and (_PRINTF_FIELD.search(os.path.basename(path))
+                                     or _GLOB_MAGIC.search(os.path.basename(path))):
+        return os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return os.path.basename(path) if os.path.isdir(path) else os.path.splitext(os.path.basename(path))[0]
+
+
+def encoded_shape(height: int, width: int) -> tuple[int, int]:
+    """The frame size ``VideoWriter`` stores for ``height x width`` frames: odd sides padded to even."""
+    return _round_up_to_even(height), _round_up_to_even(width)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
@@ -217,8 +239,8 @@ class VideoWriter:
 
     Frames go to a temporary file beside ``path`` that is renamed into place by a
     clean ``close``; leaving a ``with`` block by an exception removes it. Odd
-    frame sizes are padded by one black row or column, as yuv420p needs even
-    sizes.
+    frame sizes are padded by one black row or column at the bottom or right
+    (``encoded_shape``), as yuv420p has no odd sizes.
 
     Example:
       with VideoWriter("out.mp4", fps=30) as writer:
@@ -257,7 +279,7 @@ class VideoWriter:
         if frames.shape[1:] != self._shape:
             raise ValueError(f"every frame must be {self._shape} like the first one, got {frames.shape[1:]}.")
         for frame in frames:
-            self._encoder.send(np.ascontiguousarray(frame))
+            self._encoder.append_data(frame)
         self.num_frames += len(frames)
 
     def close(self) -> None:
@@ -273,10 +295,9 @@ class VideoWriter:
         params = ["-crf", str(self._crf)]
         if height % 2 or width % 2:
             params += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
-        self._encoder = imageio_ffmpeg.write_frames(
-            self._out.tmp, (width, height), fps=self._fps, codec="libx264", pix_fmt_out="yuv420p",
-            quality=None, macro_block_size=1, output_params=params)
-        self._encoder.send(None)
+        self._encoder = imageio.v2.get_writer(
+            self._out.tmp, format="FFMPEG", fps=self._fps, codec="libx264", pixelformat="yuv420p", quality=None,
+            macro_block_size=1, output_params=params)
 
     def _stop_encoder(self) -> None:
         if self._encoder is not None:
@@ -286,7 +307,7 @@ class VideoWriter:
 
 def _read_frames(info: VideoInfo, shape: tuple[int, int], stride: int, max_len: int) -> Iterator[np.ndarray]:
     files = _image_files(info.path)
-    decoded = _decode_images(files, shape) if files is not None else _decode_video(info.path, shape)
+    decoded = _decode_images(files, shape) if files is not None else _decode_video(info, shape)
     stop = (max_len - 1) * stride + 1 if max_len > 0 else None  # decode nothing past the last kept frame
     count = 0
     with contextlib.closing(decoded):
@@ -297,32 +318,43 @@ def _read_frames(info: VideoInfo, shape: tuple[int, int], stride: int, max_len: 
         raise VideoError(f"{info.path!r} holds no frames; check that the file is a complete video.")
 
 
-def _decode_video(path: str, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+def _decode_video(info: VideoInfo, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """All frames of a video file, resized in the decoder; raises when it ends well before its header's count."""
     height, width = shape
-    _, frames = _start_ffmpeg(path, ["-vf", f"scale={width}:{height}:flags=bicubic"])
+    _, frames = _start_ffmpeg(info.path, ["-vf", f"scale={width}:{height}:flags=bicubic"])
+    count = 0
     with contextlib.closing(frames):
         for buffer in frames:
             yield np.frombuffer(buffer, np.uint8).reshape(height, width, 3)
+            count += 1
+    # The header's count is duration * fps, and the duration is the longest stream's (audio may run on).
+    if count < info.num_frames - max(3, info.num_frames // 20):
+        raise VideoError(
+            f"{info.path!r} ends after {count} of the {info.num_frames} frames its header declares: the file is "
+            f"truncated or damaged; download it again, or re-encode what it holds (ffmpeg -i IN OUT).")
 
 
 def _decode_images(files: list[str], shape: tuple[int, int]) -> Iterator[np.ndarray]:
-    height, width = shape
-    source_size = None
+    source_shape = None
     for file in files:
-        with _open_image(file) as image:
-            source_size = source_size or image.size
-            if image.size != source_size:
-                raise VideoError(
-                    f"{file!r} is {image.size[0]}x{image.size[1]} but the sequence's first image is "
-                    f"{source_size[0]}x{source_size[1]}; give all images of a sequence one size.")
-            image = image.convert("RGB")
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BICUBIC)
-            yield np.asarray(image)
+        image = _read_image(file)
+        source_shape = source_shape or image.shape
+        if image.shape != source_shape:
+            raise VideoError(
+                f"{file!r} is {image.shape[1]}x{image.shape[0]} but the sequence's first image is "
+                f"{source_shape[1]}x{source_shape[0]}; give all images of a sequence one size.")
+        if image.shape[:2] != shape:
+            image = np.asarray(Image.fromarray(image).resize(shape[::-1], Image.Resampling.BICUBIC))
+        yield image
 
 
 def _start_ffmpeg(path: str, output_params: Iterable[str] = ()) -> tuple[dict, Iterator[bytes]]:
-    """Starts decoding to raw RGB; returns ffmpeg's header info and the frame generator."""
+    """Starts decoding to raw RGB; returns ffmpeg's header info and the frame generator.
+
+    imageio-ffmpeg rather than imageio's ffmpeg plugin: the plugin sizes frames from
+    the header or its own ``-s`` (so no ``scale`` filter with decord's flags) and
+    does not pass every decoded frame through as it comes (``passthrough``).
+    """
     if not os.path.isfile(path):
         raise VideoError(f"no such file: {path!r}; check the path.")
     # passthrough: one output frame per decoded frame, never duplicated or dropped to fake a constant rate.
@@ -392,9 +424,18 @@ def _expand_path(path: str) -> list[str]:
     return sources
 
 
-def _open_image(path: str) -> Image.Image:
+def _image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header."""
     try:
-        return Image.open(path)
+        return iio.improps(path, plugin="pillow").shape[:2]
+    except OSError as e:
+        raise VideoError(f"cannot read image {path!r} ({e}); replace or remove the file.") from e
+
+
+def _read_image(path: str) -> np.ndarray:
+    """An image file as uint8 RGB ``[H, W, 3]``."""
+    try:
+        return iio.imread(path, plugin="pillow", mode="RGB")
     except OSError as e:
         raise VideoError(f"cannot read image {path!r} ({e}); replace or remove the file.") from e
 

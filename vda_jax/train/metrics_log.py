@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 
 import jax
@@ -12,9 +12,9 @@ import jax
 
 def write_atomic(path: str, text: str) -> None:
     """Replaces ``path`` with ``text`` in one step (a reader sees the old or the new file)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:  # not mkstemp, whose 0600 would outlive the rename
             f.write(text)
         os.replace(tmp, path)
     finally:
