@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -212,18 +215,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
+    """Yields ("was Ctrl-C pressed?", "from now on Ctrl-C raises KeyboardInterrupt").
+
+    Until the second is called Ctrl-C is only noted: an interrupt inside the import of an
+    extension module (numpy, jaxlib) makes it print a traceback. The flag also keeps an
+    interrupt that Python drops (raised in a gc callback or ``__del__``).
+    """
+    pressed, raising = threading.Event(), threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set, raising.set
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        pressed.set()
+        if raising.is_set():
+            raise KeyboardInterrupt
+
+    def raise_from_now() -> None:
+        raising.set()
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed.is_set, raise_from_now
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace, interrupted: Callable[[], bool]) -> int:
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("vda-jax: interrupted", file=sys.stderr)
-        return 130
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"vda-jax {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        if not interrupted():  # else the error is the interrupt's doing
+            print(f"vda-jax {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
         return 1
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    with _interrupts() as (interrupted, raise_from_now):
+        try:
+            import jax  # noqa: F401  (the slow start-up, with Ctrl-C only noted)
+
+            args = build_parser().parse_args(argv)
+            raise_from_now()
+            code = _run(args, interrupted)
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:
+            if not interrupted():
+                raise
+            code = 130  # the interrupt's doing, e.g. an ImportError from an extension it broke
+        if interrupted() or code == 130:
+            print("vda-jax: interrupted", file=sys.stderr)
+            return 130
+    return code
+
+
+def entry() -> None:
+    """The ``vda-jax`` console script.
+
+    After an interrupt it exits without the interpreter's teardown: background threads of XLA
+    and orbax may still be running then, and tearing the runtime down under them can crash.
+    Every file has been cleaned up by then (the commands write through temporary paths).
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,35 @@
+"""The train / convert / eval / pseudo-label side of the command line under a user's hands (issue 13)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from vda_jax.checkpoint import load_checkpoint
+
+
+def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fixtures):
+    # Interrupts while starting, converting and writing; tries run side by side to keep it short.
+    command = [sys.executable, "-m", "vda_jax.cli", "convert", str(fixtures / "tiny.pth"), "--config",
+               str(fixtures / "tiny_architecture.json")]
+    delays = (0.5, 1.2, 2.0)  # after the interpreter's own start-up, which nothing here can make interruptible
+    runs = []
+    for i, delay in enumerate(delays):
+        process = subprocess.Popen([*command, str(tmp_path / f"m{i}")], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        runs.append((time.monotonic() + delay, process))
+    signalled = []
+    for when, process in runs:
+        time.sleep(max(0.0, when - time.monotonic()))
+        signalled.append(process.poll() is None)
+        process.send_signal(signal.SIGINT)
+    assert sum(signalled) >= 2, "the conversions finished before the interrupts; raise the delays"
+    for i, (_, process) in enumerate(runs):
+        _, err = process.communicate(timeout=120)
+        if signalled[i]:
+            assert process.returncode == 130, err
+            assert err.strip().endswith("vda-jax: interrupted") and "Traceback" not in err, err
+        if (tmp_path / f"m{i}").exists():  # the interrupt came too late to stop it: a whole model
+            load_checkpoint(str(tmp_path / f"m{i}"))
+    assert all(not name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left
