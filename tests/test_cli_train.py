@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint
 
 
@@ -33,3 +34,22 @@ def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fix
         if (tmp_path / f"m{i}").exists():  # the interrupt came too late to stop it: a whole model
             load_checkpoint(str(tmp_path / f"m{i}"))
     assert all(not name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left
+
+
+def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, capsys):
+    args = ["convert", str(fixtures / "tiny.pth"), "--config", str(fixtures / "tiny_architecture.json"), "--overwrite"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    assert cli.main([*args, str(notes)]) == 1
+    assert "is not a vda-jax model directory" in capsys.readouterr().err
+    assert (notes / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    assert cli.main([*args, str(tmp_path / "file")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    # A model directory, or an empty one, is replaced.
+    (tmp_path / "empty").mkdir()
+    assert cli.main([*args, str(tmp_path / "empty")]) == 0
+    assert cli.main([*args, str(tmp_path / "empty")]) == 0
+    load_checkpoint(str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "notes"]
