@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+from PIL import Image
+
 from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint
 
@@ -53,3 +56,18 @@ def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, c
     assert cli.main([*args, str(tmp_path / "empty")]) == 0
     load_checkpoint(str(tmp_path / "empty"))
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "notes"]
+
+
+def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, tiny_model_dir, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    out = tmp_path.parent / f"{tmp_path.name}-labels"
+    args = ["pseudo-label", str(tmp_path), "--output", str(out), "--checkpoint", str(tiny_model_dir),
+            "--input-size", "28", "--quiet"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vda-jax pseudo-label: error: labelled 2 image(s), but 1 could not be read: ")
+    assert "broken.png" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(out / "depth")) == ["a.npy", "b.npy"]
