@@ -6,11 +6,18 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from PIL import Image
 
 from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint
+from vda_jax.inference.window import WINDOW_FRAMES
+from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.train.config import load_config, model_config_from
 
 
 def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fixtures):
@@ -71,3 +78,46 @@ def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, 
     assert err.startswith("vda-jax pseudo-label: error: labelled 2 image(s), but 1 could not be read: ")
     assert "broken.png" in err and len(err.splitlines()) == 1
     assert sorted(os.listdir(out / "depth")) == ["a.npy", "b.npy"]
+
+
+@pytest.mark.parametrize("name", ["synthetic_tiny", "synthetic_claim", "paper:vits", "paper:vitl"])
+def test_shipped_configs_load_by_name_from_any_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert model_config_from(load_config(name).model).num_frames >= WINDOW_FRAMES  # validated on loading
+
+
+def test_the_tiny_config_trains_a_model_that_runs_the_inference_window():
+    config = load_config("synthetic_tiny")
+    model = nnx.eval_shape(lambda: VideoDepthAnything(model_config_from(config.model), rngs=nnx.Rngs(0)))
+    window = jax.ShapeDtypeStruct((1, WINDOW_FRAMES, 28, 28, 3), jnp.float32)
+    assert nnx.eval_shape(lambda m, x: m(x), model, window).shape == (1, WINDOW_FRAMES, 28, 28)
+
+
+def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
+    def train(*args):
+        code = cli.main(["train", "--workdir", str(tmp_path / "run"), *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and "Downloading" not in out + err and len(err.splitlines()) == 1, err
+        return code, err
+
+    (tmp_path / "some.json").write_text("{}")
+    assert train("--config", str(tmp_path / "some.json")) == (1, f"vda-jax train: error: config file "
+                                                                  f"{tmp_path / 'some.json'} is not a Python file; "
+                                                                  "a config is a .py file defining get_config() "
+                                                                  "(see configs/train/)\n")
+    code, err = train("--config", "no_such_config")
+    assert code == 1 and "shipped config: paper, synthetic_claim, synthetic_tiny" in err
+    # Values are checked before any data is written.
+    for override, message in [("total_steps=10", "optimizer.warmup_steps must be in [0, total_steps=10)"),
+                              ("model.num_frames=8", "model.num_frames 8 is below the 32-frame inference window"),
+                              ("data.clip_frames=40", "data.clip_frames 40 exceeds model.num_frames 32"),
+                              ("data.crop_size=(50,50)", "crop_size must be two positive multiples of 14"),
+                              ("remat='all'", "remat must be '' or one of"),
+                              ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'")]:
+        code, err = train("--config", "synthetic_tiny", override)
+        assert code == 1 and message in err, (override, err)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    for workdir in ("file", "file/run"):
+        code, err = train("--config", "synthetic_tiny", "--workdir", str(tmp_path / workdir))
+        assert code == 1 and f"{tmp_path / 'file'} is a file" in err, err

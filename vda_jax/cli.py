@@ -36,10 +36,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int | None:
+    from vda_jax.data.files import check_output_folder
     from vda_jax.train.config import load_config
     from vda_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, args.overrides)
+    check_output_folder(args.workdir, "--workdir")
     _enable_compilation_cache()  # a resumed run skips recompiling its steps
     try:
         train(config, args.workdir)
@@ -55,8 +57,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "again with the same workdir resumes from its latest checkpoint; Ctrl-C "
                                    "saves a checkpoint and stops.")
     p.add_argument("--config", required=True,
-                   help="config file defining get_config(), e.g. configs/train/synthetic_tiny.py or "
-                        "configs/train/paper.py:vitl")
+                   help="a shipped config (synthetic_tiny, synthetic_claim, paper:vitl) or a .py file "
+                        "defining get_config()")
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics.jsonl and the final model")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides as Python literals, e.g. optimizer.lr=3e-4 data.crop_size=(56,56)")

@@ -330,6 +330,7 @@ def prepare(
       source_dir: the folder to read, for the folder-based builders.
       **kwargs: passed to the builder (e.g. ``workers`` for VdaSynthetic).
     """
+    files.check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
     builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record", **kwargs)
     download_config = tfds.download.DownloadConfig(manual_dir=source_dir) if source_dir else None
     builder.download_and_prepare(download_config=download_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.resources
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -19,7 +20,10 @@ from ml_collections import config_dict
 
 from vda_jax.config import ENCODERS, ModelConfig, model_config
 from vda_jax.data.pipeline import DataConfig
+from vda_jax.inference.window import WINDOW_FRAMES
+from vda_jax.train.optimizer import learning_rates
 from vda_jax.train.sharding import TENSOR_RULES
+from vda_jax.train.step import REMAT_POLICIES
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -109,21 +113,38 @@ def default_config() -> config_dict.ConfigDict:
     return c
 
 
+def config_path(name: str) -> str:
+    """The file of a ``--config`` value: a path, or the name of a shipped config (``synthetic_tiny``)."""
+    if os.path.exists(name):
+        return name
+    shipped = importlib.resources.files("vda_jax.configs") / "train"
+    if os.sep not in name and (shipped / name).is_file():
+        return str(shipped / name)
+    if os.sep not in name and (shipped / f"{name}.py").is_file():
+        return str(shipped / f"{name}.py")
+    names = sorted(f.name.removesuffix(".py") for f in shipped.iterdir() if f.name.endswith(".py")
+                   and not f.name.startswith("_"))
+    raise ValueError(f"config file {name} does not exist; give a path or a shipped config: {', '.join(names)}")
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
-    """Runs a config file's ``get_config()`` and applies ``key=value`` overrides.
+    """Runs a config file's ``get_config()``, applies ``key=value`` overrides and validates the result.
 
     Args:
-      path: a Python file; ``FILE.py:ARG`` calls ``get_config(ARG)`` (e.g. a model size).
+      path: a Python file or the name of a shipped config (``configs/train/NAME.py``);
+        ``FILE:ARG`` calls ``get_config(ARG)`` (e.g. a model size).
       overrides: ``dotted.key=value`` items.
 
     Raises:
-      ValueError: the file is missing or has no ``get_config``, or an override names an
-        unknown key or has a value of the wrong type.
+      ValueError: the file is missing, not Python or has no ``get_config``, an override names
+        an unknown key or has a value of the wrong type, or a value is invalid (``validate``).
     """
     path, sep, arg = path.rpartition(":") if ":" in os.path.basename(path) else (path, "", "")
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path} does not exist")
+    path = config_path(path)
     spec = importlib.util.spec_from_file_location(f"_vda_train_config_{abs(hash(path))}", path)
+    if not path.endswith(".py") or spec is None:
+        raise ValueError(f"config file {path} is not a Python file; a config is a .py file defining get_config() "
+                         "(see configs/train/)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -134,6 +155,42 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
                          f"got {type(config).__name__}")
     config.lock()
     apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+    """Checks every value that can be checked without data or devices, so a bad one fails at once.
+
+    The model must cover the inference window (``WINDOW_FRAMES`` frames), so that every trained
+    model runs through ``vda-jax infer``, ``eval`` and streaming, and the training clips.
+
+    Raises:
+      ValueError: naming the first invalid value.
+    """
+    c = config
+    for key, low in (("eval.every", 0), ("eval.max_batches", 0), ("checkpoint.keep", 1)):
+        if _get(c, key) < low:
+            raise ValueError(f"{key} must be >= {low}, got {_get(c, key)}")
+    if c.checkpoint.best_mode not in ("min", "max"):
+        raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {c.checkpoint.best_mode!r}")
+    if c.remat and c.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {c.remat!r}")
+    compute_dtype(c.dtype)
+    learning_rates(c.optimizer, c.total_steps)  # checks the warm-up against total_steps
+    model = model_config_from(c.model)
+    if model.num_frames < WINDOW_FRAMES:
+        raise ValueError(f"model.num_frames {model.num_frames} is below the {WINDOW_FRAMES}-frame inference window, "
+                         f"so vda-jax infer could not run the model; set model.num_frames >= {WINDOW_FRAMES} "
+                         "(training clips may be shorter)")
+    if c.data.clip_frames > model.num_frames:
+        raise ValueError(f"data.clip_frames {c.data.clip_frames} exceeds model.num_frames {model.num_frames}")
+    DataConfig(**c.data.to_dict(), batch_size=c.batch_size, image_batch_size=c.image_batch_size, seed=c.seed)
+
+
+def _get(config: config_dict.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
     return config
 
 
