@@ -17,7 +17,7 @@ from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.models.vda import VideoDepthAnything
-from vda_jax.train.config import load_config, model_config_from
+from vda_jax.train.config import load_config, model_config_from, resume_changes
 
 
 def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fixtures):
@@ -121,3 +121,20 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
     for workdir in ("file", "file/run"):
         code, err = train("--config", "synthetic_tiny", "--workdir", str(tmp_path / workdir))
         assert code == 1 and f"{tmp_path / 'file'} is a file" in err, err
+
+
+def test_resuming_says_what_changed_and_refuses_incompatible_changes(tmp_path, capsys):
+    started = load_config("synthetic_tiny").to_json(indent=2)  # as the run's config.json
+    resumed = load_config("synthetic_tiny", ["optimizer.lr=3e-4", "total_steps=400", "data.crop_size=(28,28)"])
+    assert resume_changes(started, resumed) == [
+        "data.crop_size: [56, 56] -> [28, 28]", "optimizer.lr: 0.001 -> 0.0003", "total_steps: 300 -> 400"]
+    assert resume_changes(started, load_config("synthetic_tiny")) == []
+    # From the command line: refused before anything is built.
+    (tmp_path / "config.json").write_text(started)
+    args = ["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]
+    assert cli.main([*args, "batch_size=8", "model.features=64", "optimizer.lr=3e-4"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("vda-jax train: error: the run in this workdir cannot resume with batch_size: 4 -> 8; "
+                   "model.features: 32 -> 64: these settings are fixed once a run starts; restore them or use a "
+                   "new --workdir\n")
+    assert os.listdir(tmp_path) == ["config.json"]

@@ -37,11 +37,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int | None:
     from vda_jax.data.files import check_output_folder
-    from vda_jax.train.config import load_config
+    from vda_jax.train.config import load_config, resume_changes
     from vda_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, args.overrides)
     check_output_folder(args.workdir, "--workdir")
+    previous = os.path.join(args.workdir, "config.json")
+    if os.path.isfile(previous):  # resuming: refuse what cannot change, say what did
+        with open(previous) as f:
+            for change in resume_changes(f.read(), config):
+                print(f"config changed since the last start: {change}")
     _enable_compilation_cache()  # a resumed run skips recompiling its steps
     try:
         train(config, args.workdir)

@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.resources
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -186,6 +187,39 @@ def validate(config: config_dict.ConfigDict) -> None:
     if c.data.clip_frames > model.num_frames:
         raise ValueError(f"data.clip_frames {c.data.clip_frames} exceeds model.num_frames {model.num_frames}")
     DataConfig(**c.data.to_dict(), batch_size=c.batch_size, image_batch_size=c.image_batch_size, seed=c.seed)
+
+
+# Settings a run cannot change when it resumes: the parameters and optimizer state in the
+# checkpoint, and the data position (which clip comes next) depend on them.
+FIXED_ON_RESUME = ("model.", "train_encoder", "seed", "batch_size", "image_batch_size", "synthetic",
+                   "data.video_dataset", "data.video_split", "data.image_dataset", "data.image_split",
+                   "data.clip_frames", "data.clip_stride", "data.clip_hop", "data.image_ratio")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for name, child in tree.items() for k, v in _flat(child, f"{prefix}{name}.").items()}
+
+
+def resume_changes(previous_json: str, config: config_dict.ConfigDict) -> list[str]:
+    """What ``config`` changes against the config a run started with, as ``key: old -> new`` lines.
+
+    Args:
+      previous_json: the ``config.json`` the run wrote (``ConfigDict.to_json``).
+      config: the config it resumes with.
+
+    Raises:
+      ValueError: a change of a ``FIXED_ON_RESUME`` setting, naming every one.
+    """
+    old, new = _flat(json.loads(previous_json)), _flat(json.loads(config.to_json()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
+    lines = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed]
+    fixed = [line for k, line in zip(changed, lines) if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ValueError(f"the run in this workdir cannot resume with {'; '.join(fixed)}: these settings are fixed "
+                         "once a run starts; restore them or use a new --workdir")
+    return lines
 
 
 def _get(config: config_dict.ConfigDict, key: str) -> Any:
