@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
+from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax import cli
-from vda_jax.checkpoint import load_checkpoint
+from vda_jax.checkpoint import flat_shapes, load_checkpoint
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.train.config import load_config, model_config_from, resume_changes
@@ -138,3 +140,19 @@ def test_resuming_says_what_changed_and_refuses_incompatible_changes(tmp_path, c
                    "model.features: 32 -> 64: these settings are fixed once a run starts; restore them or use a "
                    "new --workdir\n")
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_convert_names_missing_tensors_by_their_official_names(fixtures, tiny_model):
+    shapes = {k: v.shape for k, v in read_checkpoint(fixtures / "tiny.pth").items()}  # the official layout
+    targets = flat_shapes(nnx.state(tiny_model))
+    gone = ["pretrained.blocks.0.norm1.weight", "head.scratch.refinenet1.resConfUnit2.conv1.bias",
+            "head.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"]
+    with pytest.raises(KeyMismatchError, match=r"3 missing: (\S+, ){2}\S+\. Check") as info:
+        plan_conversion({k: v for k, v in shapes.items() if k not in gone}, targets)
+    assert sorted(str(info.value).partition("3 missing: ")[2].removesuffix(". Check --encoder / --config.")
+                  .split(", ")) == sorted(gone)
+    # A Depth Anything V2 checkpoint names its head depth_head.
+    image = {k.replace("head.", "depth_head.", 1): v for k, v in shapes.items() if "motion_modules" not in k}
+    del image["depth_head.scratch.output_conv2.2.weight"]
+    with pytest.raises(KeyMismatchError, match=r"1 missing: depth_head\.scratch\.output_conv2\.2\.weight\. Check"):
+        plan_conversion(image, targets, allow_unfilled=("head.temporal.",))
