@@ -10,6 +10,7 @@ any array is copied.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Callable, Mapping
 
@@ -104,6 +105,30 @@ def transform_value(value: np.ndarray, transform: str) -> np.ndarray:
     return value
 
 
+def _official_name(path: str, head: str = "head") -> str:
+    """The official key that fills our ``path`` (``head`` or ``depth_head`` naming), else ``path`` itself.
+
+    Inverts the rules by search: each capture group of a rule is tried with the runs of
+    ``path``'s dotted parts and its numbers (also one higher, for 1-based names) that it matches,
+    and a candidate counts only if ``target_of`` maps it back to ``path``.
+    """
+    parts = path.split(".")
+    spans = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+    numbers = re.findall(r"\d+", path)
+    spans |= {*numbers, *(str(int(n) + 1) for n in numbers)}
+    for pattern, _, _ in _RULES:
+        pieces = re.split(r"(\((?!\?)[^()]*\))", pattern.replace(_HEAD, head).rstrip("$"))
+        literal = [p.replace("\\.", ".") for p in pieces[::2]]
+        options = [[v for v in spans if re.fullmatch(group[1:-1], v)] for group in pieces[1::2]]
+        for values in itertools.product(*options):
+            stem = "".join(x for pair in itertools.zip_longest(literal, values, fillvalue="") for x in pair)
+            for key in (stem, f"{stem}.weight", f"{stem}.bias"):
+                found = target_of(key)
+                if found is not None and found[0] == path:
+                    return key
+    return path
+
+
 class KeyMismatchError(ValueError):
     """The checkpoint's tensors do not fit the model; the message lists every difference."""
 
@@ -129,7 +154,7 @@ def plan_conversion(source_shapes: Mapping[str, tuple[int, ...]],
     Raises:
       KeyMismatchError listing the unexpected, missing and mis-shaped keys.
     """
-    moves, unexpected, misshaped, filled = {}, [], [], {}
+    moves, unexpected, misshaped, filled, misplaced = {}, [], [], {}, set()
     for key, shape in source_shapes.items():
         found = target_of(key)
         if found is None or found[0] not in target_shapes:
@@ -142,15 +167,18 @@ def plan_conversion(source_shapes: Mapping[str, tuple[int, ...]],
         want = tuple(target_shapes[path])
         if transform_shape(tuple(shape), transform) != want:
             misshaped.append(f"{key} {tuple(shape)} -> {path} expects {want}")
+            misplaced.add(path)  # listed once, as mis-shaped, not again as missing
             continue
         moves[key], filled[path] = (path, transform), key
     unfilled = [p for p in target_shapes if p not in filled]
-    missing = [p for p in unfilled if not p.startswith(allow_unfilled)] if allow_unfilled else unfilled
+    missing = [p for p in unfilled if not p.startswith(allow_unfilled) and p not in misplaced]
     if unexpected or missing or misshaped:
+        head = "depth_head" if any(k.startswith("depth_head.") for k in source_shapes) else "head"
         parts = []
         for title, items in (("unexpected", unexpected), ("missing", missing), ("mis-shaped", misshaped)):
             if items:
-                shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+                named = [_official_name(p, head) for p in items[:12]] if title == "missing" else items[:12]
+                shown = ", ".join(named) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
                 parts.append(f"{len(items)} {title}: {shown}")
         raise KeyMismatchError("checkpoint does not match the model architecture; " + "; ".join(parts)
                                + ". Check --encoder / --config.")

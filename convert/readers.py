@@ -75,10 +75,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path = pathlib.Path(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+    if head.startswith(_ZIP_MAGIC):
         return read_pth(path)
-    if head[8:9] == b"{":  # a safetensors JSON header follows its 8-byte length
+    # A safetensors JSON header follows its 8-byte length, whose first byte can be the pickle
+    # marker 0x80 (a 128..255-byte header): then only a header that parses tells them apart.
+    if head[8:9] == b"{" and (not head.startswith(_PICKLE_PROTO) or _has_json_header(path)):
         return read_safetensors(path)
+    if head.startswith(_PICKLE_PROTO):
+        return read_pth(path)
     raise CheckpointError(f"{path}: not a checkpoint (expected a PyTorch .pth zip archive or a safetensors file)")
 
 
@@ -143,6 +147,18 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             f.readinto(buffer)
             tensors[name] = _from_bytes(buffer, dtype, little_endian=True).reshape(shape)
     return tensors
+
+
+def _has_json_header(path: pathlib.Path) -> bool:
+    """Whether ``path`` starts with a safetensors header: a length, then that many bytes of a JSON object."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > path.stat().st_size - 8:
+            return False
+        try:
+            return isinstance(json.loads(f.read(header_len)), dict)
+        except ValueError:
+            return False
 
 
 def _corrupt(path: pathlib.Path, why: object) -> CheckpointError:

@@ -71,10 +71,10 @@ def test_synthetic_split_is_scored_like_the_official_protocol(tiny_model, synthe
 
 
 def test_protocol_crops_frames_and_video_count(tiny_model, synthetic, monkeypatch):
-    source, metadata = runner._open_split("vda_synthetic/t", "test", synthetic)
+    source, metadata = runner.open_split("vda_synthetic/t", "test", synthetic)
     crop = (2, -2, 3, -3)
     protocol = {"eval_frames": [2, 9], "eval_videos": 1, "gt_crop": list(crop), "crop_prediction": True}
-    monkeypatch.setattr(runner, "_open_split", lambda *args: (source, {**metadata, **protocol}))
+    monkeypatch.setattr(runner, "open_split", lambda *args: (source, {**metadata, **protocol}))
     report = runner.evaluate(tiny_model, "vda_synthetic/t", data_dir=synthetic, input_size=INPUT, progress=False)
     assert [(v.name, v.frames) for v in report.videos] == [("test_00000", 7)]
     assert_scores(report.videos[0], direct_score(tiny_model, rendered(0), slice(2, 9), crop))
@@ -140,8 +140,12 @@ def test_score_video_tae_uses_cameras_when_known():
 def test_bad_datasets_and_arguments(tiny_model, synthetic, tmp_path):
     with pytest.raises(ValueError, match=r"unknown dataset 'vda_nothing/x'; the vda datasets are \['vda_benchmark'"):
         runner.evaluate(tiny_model, "vda_nothing/x", data_dir=synthetic)
-    with pytest.raises(ValueError, match=r"vda_synthetic/small is not built in .*: build it with"):
+    with pytest.raises(ValueError, match=r"vda_synthetic/small is not built in .*: pass the data directory it was"):
         runner.evaluate(tiny_model, "vda_synthetic/small", data_dir=synthetic)
+    # A config that is neither predefined nor built there (tfds' own message is cut off after "match:").
+    message = f"^dataset vda_synthetic/tiny is not built in {tmp_path}: .* training run renders .* WORKDIR/data"
+    with pytest.raises(ValueError, match=message):
+        runner.evaluate(tiny_model, "vda_synthetic/tiny", "validation", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['test'\]"):
         runner.evaluate(tiny_model, "vda_synthetic/t", "validation", data_dir=synthetic)
     with pytest.raises(ValueError, match=r"max_frames must be >= 1"):

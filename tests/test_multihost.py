@@ -166,5 +166,5 @@ def test_failure_on_one_process_stops_both(tmp_path, cache_dir):
                                    extra={1: [f"data.data_dir={empty}"]}, cache_dir=cache_dir), timeout=120)
     assert all(code != 0 for code in codes), "\n".join(outputs)
     assert time.monotonic() - start < 60 + 30  # 60 s after the failure, plus the start-up
-    assert "is not prepared" in outputs[1]
+    assert "is not built in" in outputs[1]
     assert "process 1 failed: ValueError" in outputs[0]

@@ -114,12 +114,15 @@ def test_bad_folders_name_the_file(tiny_model, tmp_path):
                               input_size=INPUT, progress=False)
     (tmp_path / "images/b").mkdir()
     (tmp_path / "images/b/broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"cannot read image .*images/b/broken\.png"):
-        label()
     png = (tmp_path / "images/a/x1.png").read_bytes()
-    (tmp_path / "images/b/broken.png").write_bytes(png[: len(png) // 2])  # a valid header, truncated data
-    with pytest.raises(ValueError, match=r"cannot read image .*images/b/broken\.png"):
+    (tmp_path / "images/b/cut.png").write_bytes(png[: len(png) // 2])  # a valid header, truncated data
+    # Every readable image is labelled; the unreadable ones are all named.
+    with pytest.raises(pseudo_label.UnreadableImagesError,
+                       match=r"labelled 3 image\(s\), but 2 could not be read: cannot read image .*images/b/broken"
+                             r"\.png.*; cannot read image .*images/b/cut\.png"):
         label()
+    assert sorted(os.listdir(tmp_path / "out" / "depth" / "a")) == ["x1.npy", "x10.npy", "x2.npy"]
+    (tmp_path / "images/b/cut.png").unlink()
     (tmp_path / "images/b/broken.png").unlink()
     (tmp_path / "images/a/x1.jpg").write_bytes(png)
     with pytest.raises(ValueError, match=r"a/x1\.(png|jpg) and a/x1\.(png|jpg) .* would share one label"):

@@ -183,3 +183,12 @@ def test_damaged_safetensors(tmp_path):
     _safetensors_file(path, {"x": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, bytes(4))
     with pytest.raises(readers.CheckpointError, match="unsupported or malformed header entry for 'x'"):
         readers.read_checkpoint(path)
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle(tmp_path):
+    # A 128..255-byte header makes the first byte 0x80, the pickle protocol marker.
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    path = tmp_path / "w.safetensors"
+    safetensors.numpy.save_file(tensors, path, metadata={"note": "x" * 40})
+    assert path.read_bytes()[0] == 0x80
+    np.testing.assert_array_equal(readers.read_checkpoint(path)["w"], tensors["w"])

@@ -92,6 +92,22 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_replaceable(path: str) -> None:
+    """Overwriting may delete ``path`` only if it is a vda-jax model directory (or empty)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise FileExistsError(f"{path} exists and is not a directory; remove it or choose another output directory")
+    if not os.listdir(path):
+        return
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            ours = json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # no config.json, not JSON, not an object
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{path} exists and is not a vda-jax model directory; --overwrite only replaces "
+                              "those: remove it yourself or choose another output directory")
+
+
 def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any] | None = None,
                overwrite: bool = False) -> None:
     """Writes ``model`` (its config and all variables) to the directory ``path``, atomically.
@@ -100,6 +116,8 @@ def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any]
     calls this, each writing its shards.
     """
     state = nnx.state(model)
+    if overwrite and os.path.lexists(path):
+        _check_replaceable(path)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))

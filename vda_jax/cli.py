@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -33,11 +36,18 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int | None:
-    from vda_jax.train.config import load_config
+    from vda_jax.data.files import check_output_folder
+    from vda_jax.train.config import load_config, resume_changes
     from vda_jax.train.coordination import Interrupted
     from vda_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, args.overrides)
+    check_output_folder(args.workdir, "--workdir")
+    previous = os.path.join(args.workdir, "config.json")
+    if os.path.isfile(previous):  # resuming: refuse what cannot change, say what did
+        with open(previous) as f:
+            for change in resume_changes(f.read(), config):
+                print(f"config changed since the last start: {change}")
     _enable_compilation_cache()  # a resumed run skips recompiling its steps
     try:
         train(config, args.workdir)
@@ -56,8 +66,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "again with the same workdir resumes from its latest checkpoint; Ctrl-C "
                                    "saves a checkpoint and stops.")
     p.add_argument("--config", required=True,
-                   help="config file defining get_config(), e.g. configs/train/synthetic_tiny.py or "
-                        "configs/train/paper.py:vitl")
+                   help="a shipped config (synthetic_tiny, synthetic_claim, paper:vitl) or a .py file "
+                        "defining get_config()")
     p.add_argument("--workdir", required=True, help="directory for checkpoints, metrics.jsonl and the final model")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides as Python literals, e.g. optimizer.lr=3e-4 data.crop_size=(56,56)")
@@ -248,25 +258,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
+    """Yields ("was Ctrl-C pressed?", "from now on Ctrl-C raises KeyboardInterrupt").
+
+    Until the second is called Ctrl-C is only noted: an interrupt inside the import of an
+    extension module (numpy, jaxlib) makes it print a traceback. The flag also keeps an
+    interrupt that Python drops (raised in a gc callback or ``__del__``).
+    """
+    pressed, raising = threading.Event(), threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed.is_set, raising.set
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        pressed.set()
+        if raising.is_set():
+            raise KeyboardInterrupt
+
+    def raise_from_now() -> None:
+        raising.set()
+        if pressed.is_set():
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed.is_set, raise_from_now
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace, interrupted: Callable[[], bool]) -> int:
     try:
         return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("vda-jax: interrupted", file=sys.stderr)
-        return 130
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"vda-jax {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        if not interrupted():  # else the error is the interrupt's doing
+            print(f"vda-jax {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                  file=sys.stderr)
         return 1
 
 
-def run() -> None:
-    """The ``vda-jax`` console script: ``main``, ending the process at once after Ctrl-C.
+def main(argv: Sequence[str] | None = None) -> int:
+    with _interrupts() as (interrupted, raise_from_now):
+        try:
+            import jax  # noqa: F401  (the slow start-up, with Ctrl-C only noted)
 
-    An interrupt can leave XLA compiling in its own threads, and finalising Python
-    under them may crash (exit 139); ``main`` has cleaned up by then, so the
-    process ends without finalising.
+            args = build_parser().parse_args(argv)
+            raise_from_now()
+            code = _run(args, interrupted)
+        except KeyboardInterrupt:
+            code = 130
+        except Exception:
+            if not interrupted():
+                raise
+            code = 130  # the interrupt's doing, e.g. an ImportError from an extension it broke
+        if interrupted() or code == 130:
+            print("vda-jax: interrupted", file=sys.stderr)
+            return 130
+    return code
+
+
+def entry() -> None:
+    """The ``vda-jax`` console script.
+
+    After an interrupt it exits without the interpreter's teardown: background threads of XLA
+    and orbax may still be running then, and tearing the runtime down under them can crash.
+    Every file has been cleaned up by then (the commands write through temporary paths).
     """
     code = main()
     # In a multi-process job the processes stop together and leave through JAX's shutdown barrier.
@@ -278,4 +336,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    entry()

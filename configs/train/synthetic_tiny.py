@@ -1,8 +1,10 @@
 """A tiny model trained from scratch on rendered synthetic videos: minutes on a 2-core CPU.
 
-    vda-jax train --config configs/train/synthetic_tiny.py --workdir /tmp/vda_tiny
+    vda-jax train --config synthetic_tiny --workdir /tmp/vda_tiny
 
-The dataset (64x80 renders, 24-frame videos) is written to WORKDIR/data on the first run.
+The dataset (64x80 renders, 24-frame videos) is written to WORKDIR/data on the first run. It
+trains on 8-frame clips; its temporal position table covers 32 frames, so the model
+runs the 32-frame windows of `vda-jax infer`, `eval` and streaming.
 """
 
 from ml_collections import config_dict
@@ -14,7 +16,7 @@ def get_config() -> config_dict.ConfigDict:
     c = default_config()
     c.model = config_dict.ConfigDict(dict(
         name="custom", embed_dim=64, depth=4, num_heads=2, intermediate_layers=(0, 1, 2, 3),
-        features=32, out_channels=(32, 32, 64, 64), num_frames=8, pos_embed_grid=4))
+        features=32, out_channels=(32, 32, 64, 64), num_frames=32, pos_embed_grid=4))
     # A random encoder has nothing worth keeping frozen.
     c.train_encoder = True
     c.total_steps = 300

@@ -23,7 +23,7 @@ Features of a record: ``video``, ``frame`` (int32 indices), ``rgb`` [H, W, 3] ui
 (camera-to-world, OpenCV axes; NaN where the source has none); the synthetic set adds
 ``dynamic`` [H, W] bool.
 
-Build with ``prepare(...)``; read with ``tfds.data_source(name, data_dir=...)``.
+Build with ``prepare(...)``; read with ``open_split(name, split, data_dir)``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -330,7 +330,36 @@ def prepare(
       source_dir: the folder to read, for the folder-based builders.
       **kwargs: passed to the builder (e.g. ``workers`` for VdaSynthetic).
     """
+    files.check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
     builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record", **kwargs)
     download_config = tfds.download.DownloadConfig(manual_dir=source_dir) if source_dir else None
     builder.download_and_prepare(download_config=download_config)
     return builder
+
+
+def open_split(name: str, split: str, data_dir: str | None) -> tuple[Sequence[dict], dict]:
+    """The data source of a built split of a vda dataset, and the dataset's metadata.
+
+    Args:
+      name: "<dataset>/<config>", e.g. "vda_synthetic/tiny".
+      split: e.g. "train".
+      data_dir: the TFDS data directory it was built in (None: TFDS's default).
+
+    Raises:
+      ValueError: the dataset is unknown, not built in ``data_dir``, or has no such split.
+    """
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = sorted(b.name for b in (VdaBenchmark, VdaPseudoLabels, VdaSynthetic, VdaVideoFolder))
+        raise ValueError(f"unknown dataset {name!r}; the vda datasets are {known} (with /config)") from None
+    except ValueError:  # a config that is neither predefined nor built in data_dir
+        builder = None
+    if builder is None or not builder.is_prepared():
+        where = builder.data_dir if builder else data_dir or "the default TFDS data directory"
+        raise ValueError(f"dataset {name} is not built in {where}: pass the data directory it was built in (a "
+                         "training run renders its synthetic data into WORKDIR/data), or build it with "
+                         "vda_jax.data.builders.prepare")
+    if split not in builder.info.splits:
+        raise ValueError(f"dataset {name} has no split {split!r}; its splits are {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split), dict(builder.info.metadata or {})

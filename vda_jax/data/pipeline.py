@@ -34,9 +34,8 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
-from vda_jax.data import transforms
+from vda_jax.data import builders, transforms
 
 _PATCH = 14
 _KINDS = ("video", "image")
@@ -118,12 +117,6 @@ def clip_index(lengths: Sequence[int], clip_frames: int, stride: int, hop: int) 
     return starts[:, None] + stride * np.arange(clip_frames)
 
 
-def open_split(name: str, split: str, data_dir: str | None) -> tuple[Sequence[dict], dict]:
-    """The TFDS data source of a split and the dataset's metadata."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    return builder.as_data_source(split=split), dict(builder.info.metadata or {})
-
-
 class ClipSource:
     """Random access to clips: clip i stacks the frame records ``index[i]``.
 
@@ -184,7 +177,7 @@ def _stream(
     shard: grain.sharding.ShardOptions,
 ) -> grain.MapDataset:
     """This shard's rows of the global batches of one dataset split; ``kind`` is "video" or "image"."""
-    frames, metadata = open_split(name, split, config.data_dir)
+    frames, metadata = builders.open_split(name, split, config.data_dir)
     table = metadata.get("videos", {}).get(split)
     if table is None and clip_frames > 1:
         raise ValueError(

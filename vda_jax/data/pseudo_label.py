@@ -37,6 +37,10 @@ from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
 
+class UnreadableImagesError(ValueError):
+    """Some images could not be read; every other one was labelled."""
+
+
 def label_path(output_dir: str, image: str) -> str:
     """The label of ``image`` (a path relative to the images folder)."""
     return os.path.join(output_dir, "depth", os.path.splitext(image)[0] + ".npy")
@@ -122,6 +126,9 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
                  precision: str | None = None, batch_size: int = 8, progress: bool = True) -> int:
     """Labels every image under ``images_dir`` that has no label yet; returns how many it labelled.
 
+    Raises:
+      UnreadableImagesError: naming the images that could not be read, after labelling the others.
+
     Args:
       model: the teacher (any loaded model; run with T = 1).
       images_dir: folder of .png/.jpg images, searched recursively.
@@ -135,28 +142,48 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _image_files(images_dir)
     _link_images(images_dir, output_dir)
+    unreadable: list[str] = []
     groups: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = collections.defaultdict(list)
     for image in images:
         if not os.path.exists(label_path(output_dir, image)):
-            size = _image_size(os.path.join(images_dir, image))
+            try:
+                size = _image_size(os.path.join(images_dir, image))
+            except ValueError as e:
+                unreadable.append(str(e))
+                continue
             groups[network_size(size, input_size, limit_aspect=False)].append((image, size))
     batches = [(net_size, group[i:i + batch_size])
                for net_size, group in groups.items() for i in range(0, len(group), batch_size)]
     model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
 
     total = sum(len(batch) for _, batch in batches)
+    labelled = 0
     with tqdm.tqdm(total=total, unit="image", disable=not progress, desc="pseudo-labels", dynamic_ncols=True) as bar:
         pending = None
         for net_size, batch in batches:
-            x = [_network_input(jnp.asarray(_read_image(os.path.join(images_dir, image))), net_size)
-                 for image, _ in batch]
+            x, readable = [], []
+            for image, size in batch:
+                try:
+                    x.append(_network_input(jnp.asarray(_read_image(os.path.join(images_dir, image))), net_size))
+                    readable.append((image, size))
+                except ValueError as e:  # a valid header, broken data
+                    unreadable.append(str(e))
+                    bar.update()
+            if not x:
+                continue
+            batch = readable
             x += x[-1:] * (batch_size - len(x))  # a full batch: one compiled step per network size
             depth = _predict(model, jnp.stack(x))  # runs while the previous labels are written
             if pending:
                 _write_labels(output_dir, *pending)
                 bar.update(len(pending[0]))
+                labelled += len(pending[0])
             pending = ([image for image, _ in batch], [size for _, size in batch], depth)
         if pending:
             _write_labels(output_dir, *pending)
             bar.update(len(pending[0]))
-    return total
+            labelled += len(pending[0])
+    if unreadable:
+        raise UnreadableImagesError(f"labelled {labelled} image(s), but {len(unreadable)} could not be read: "
+                                    f"{'; '.join(unreadable)}; fix or remove them and run again")
+    return labelled

@@ -25,10 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 import tqdm
 
-from vda_jax.data import builders  # also registers the datasets with TFDS
+from vda_jax.data.builders import open_split
 from vda_jax.eval import metrics
 from vda_jax.eval.strategies import infer_with_strategy
 from vda_jax.inference.video import PRECISIONS, default_precision
@@ -170,22 +169,6 @@ class _VideoRecords:
             yield record["rgb"]
 
 
-def _open_split(dataset: str, split: str, data_dir: str | None) -> tuple[Sequence[dict], dict]:
-    """The data source of a prepared split and the dataset's metadata."""
-    try:
-        builder = tfds.builder(dataset, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        known = sorted(b.name for b in (builders.VdaBenchmark, builders.VdaPseudoLabels, builders.VdaSynthetic,
-                                        builders.VdaVideoFolder))
-        raise ValueError(f"unknown dataset {dataset!r}; the vda datasets are {known} (with /config)") from None
-    if not builder.is_prepared():
-        raise ValueError(f"{dataset} is not built in {builder.data_dir}: build it with "
-                         "vda_jax.data.builders.prepare(...) or pass the right data_dir")
-    if split not in builder.info.splits:
-        raise ValueError(f"{dataset} has no split {split!r}; its splits are {sorted(builder.info.splits)}")
-    return builder.as_data_source(split=split), dict(builder.info.metadata or {})
-
-
 def evaluate(model: VideoDepthAnything, dataset: str, split: str = "test", *, data_dir: str | None = None,
              max_frames: int | None = None, input_size: int = 518, precision: str | None = None,
              strategy: str = "full", progress: bool = True) -> EvalReport:
@@ -204,7 +187,7 @@ def evaluate(model: VideoDepthAnything, dataset: str, split: str = "test", *, da
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-    source, metadata = _open_split(dataset, split, data_dir)
+    source, metadata = open_split(dataset, split, data_dir)
     protocol = Protocol.from_metadata(metadata)
     table = metadata.get("videos", {}).get(split)
     if table is None:

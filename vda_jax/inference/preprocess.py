@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vda_jax.ops.normalize import standardize
 from vda_jax.ops.resize import resize_opencv_cubic
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MULTIPLE = 14
 MAX_ASPECT = 1.78  # wider frames get a smaller input size (memory)
 
@@ -50,5 +49,4 @@ def network_size(frame_size: tuple[int, int], input_size: int = 518, *,
 def preprocess(frames: jax.Array, size: tuple[int, int]) -> jax.Array:
     """uint8 RGB ``[..., H, W, 3]`` -> normalised float32 ``[..., h, w, 3]`` (jit-friendly)."""
     x = frames.astype(jnp.float32) / 255.0
-    x = resize_opencv_cubic(x, size)
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    return standardize(resize_opencv_cubic(x, size))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.resources
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +21,10 @@ from ml_collections import config_dict
 
 from vda_jax.config import ENCODERS, ModelConfig, model_config
 from vda_jax.data.pipeline import DataConfig
+from vda_jax.inference.window import WINDOW_FRAMES
+from vda_jax.train.optimizer import learning_rates
 from vda_jax.train.sharding import TENSOR_RULES
+from vda_jax.train.step import REMAT_POLICIES
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -109,21 +114,38 @@ def default_config() -> config_dict.ConfigDict:
     return c
 
 
+def config_path(name: str) -> str:
+    """The file of a ``--config`` value: a path, or the name of a shipped config (``synthetic_tiny``)."""
+    if os.path.exists(name):
+        return name
+    shipped = importlib.resources.files("vda_jax.configs") / "train"
+    if os.sep not in name and (shipped / name).is_file():
+        return str(shipped / name)
+    if os.sep not in name and (shipped / f"{name}.py").is_file():
+        return str(shipped / f"{name}.py")
+    names = sorted(f.name.removesuffix(".py") for f in shipped.iterdir() if f.name.endswith(".py")
+                   and not f.name.startswith("_"))
+    raise ValueError(f"config file {name} does not exist; give a path or a shipped config: {', '.join(names)}")
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
-    """Runs a config file's ``get_config()`` and applies ``key=value`` overrides.
+    """Runs a config file's ``get_config()``, applies ``key=value`` overrides and validates the result.
 
     Args:
-      path: a Python file; ``FILE.py:ARG`` calls ``get_config(ARG)`` (e.g. a model size).
+      path: a Python file or the name of a shipped config (``configs/train/NAME.py``);
+        ``FILE:ARG`` calls ``get_config(ARG)`` (e.g. a model size).
       overrides: ``dotted.key=value`` items.
 
     Raises:
-      ValueError: the file is missing or has no ``get_config``, or an override names an
-        unknown key or has a value of the wrong type.
+      ValueError: the file is missing, not Python or has no ``get_config``, an override names
+        an unknown key or has a value of the wrong type, or a value is invalid (``validate``).
     """
     path, sep, arg = path.rpartition(":") if ":" in os.path.basename(path) else (path, "", "")
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path} does not exist")
+    path = config_path(path)
     spec = importlib.util.spec_from_file_location(f"_vda_train_config_{abs(hash(path))}", path)
+    if not path.endswith(".py") or spec is None:
+        raise ValueError(f"config file {path} is not a Python file; a config is a .py file defining get_config() "
+                         "(see configs/train/)")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -134,6 +156,75 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
                          f"got {type(config).__name__}")
     config.lock()
     apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def validate(config: config_dict.ConfigDict) -> None:
+    """Checks every value that can be checked without data or devices, so a bad one fails at once.
+
+    The model must cover the inference window (``WINDOW_FRAMES`` frames), so that every trained
+    model runs through ``vda-jax infer``, ``eval`` and streaming, and the training clips.
+
+    Raises:
+      ValueError: naming the first invalid value.
+    """
+    c = config
+    for key, low in (("eval.every", 0), ("eval.max_batches", 0), ("checkpoint.keep", 1)):
+        if _get(c, key) < low:
+            raise ValueError(f"{key} must be >= {low}, got {_get(c, key)}")
+    if c.checkpoint.best_mode not in ("min", "max"):
+        raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {c.checkpoint.best_mode!r}")
+    if c.remat and c.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {c.remat!r}")
+    compute_dtype(c.dtype)
+    learning_rates(c.optimizer, c.total_steps)  # checks the warm-up against total_steps
+    model = model_config_from(c.model)
+    if model.num_frames < WINDOW_FRAMES:
+        raise ValueError(f"model.num_frames {model.num_frames} is below the {WINDOW_FRAMES}-frame inference window, "
+                         f"so vda-jax infer could not run the model; set model.num_frames >= {WINDOW_FRAMES} "
+                         "(training clips may be shorter)")
+    if c.data.clip_frames > model.num_frames:
+        raise ValueError(f"data.clip_frames {c.data.clip_frames} exceeds model.num_frames {model.num_frames}")
+    DataConfig(**c.data.to_dict(), batch_size=c.batch_size, image_batch_size=c.image_batch_size, seed=c.seed)
+
+
+# Settings a run cannot change when it resumes: the parameters and optimizer state in the
+# checkpoint, and the data position (which clip comes next) depend on them.
+FIXED_ON_RESUME = ("model.", "train_encoder", "seed", "batch_size", "image_batch_size", "synthetic",
+                   "data.video_dataset", "data.video_split", "data.image_dataset", "data.image_split",
+                   "data.clip_frames", "data.clip_stride", "data.clip_hop", "data.image_ratio")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    return {k: v for name, child in tree.items() for k, v in _flat(child, f"{prefix}{name}.").items()}
+
+
+def resume_changes(previous_json: str, config: config_dict.ConfigDict) -> list[str]:
+    """What ``config`` changes against the config a run started with, as ``key: old -> new`` lines.
+
+    Args:
+      previous_json: the ``config.json`` the run wrote (``ConfigDict.to_json``).
+      config: the config it resumes with.
+
+    Raises:
+      ValueError: a change of a ``FIXED_ON_RESUME`` setting, naming every one.
+    """
+    old, new = _flat(json.loads(previous_json)), _flat(json.loads(config.to_json()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "(absent)") != new.get(k, "(absent)"))
+    lines = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed]
+    fixed = [line for k, line in zip(changed, lines) if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ValueError(f"the run in this workdir cannot resume with {'; '.join(fixed)}: these settings are fixed "
+                         "once a run starts; restore them or use a new --workdir")
+    return lines
+
+
+def _get(config: config_dict.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
     return config
 
 

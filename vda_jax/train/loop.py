@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow_datasets as tfds
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_dict
@@ -55,15 +54,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving."""
 
 
-def _metadata(name: str, split: str, data_dir: str | None) -> dict:
-    """The metadata of a prepared TFDS dataset that has ``split``."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        raise ValueError(f"dataset {name} is not prepared in {builder.data_dir}; build it with "
-                         "vda_jax.data.builders.prepare or set data.data_dir to where it is")
-    if split not in builder.info.splits:
-        raise ValueError(f"dataset {name} has no split {split!r}; it has {sorted(builder.info.splits)}")
-    return dict(builder.info.metadata or {})
 
 
 def _metric_depth(metadata: Mapping, name: str) -> bool:
@@ -96,8 +86,8 @@ class Trainer:
         self._first_reader = int(np.flatnonzero(blocks == self._shard.shard_index)[0]) == jax.process_index()
         self.data_config = self._data_config()
         metric_depth = self._metric_depth_by_kind()
-        self._val_meta = _metadata(self.data_config.video_dataset, config.eval.split,
-                                   self.data_config.data_dir) if config.eval.every else {}
+        self._val_meta = builders.open_split(self.data_config.video_dataset, config.eval.split,
+                                             self.data_config.data_dir)[1] if config.eval.every else {}
         self._check_best_metric()
         self.train_data = iter(pipeline.make_dataset(self.data_config, self._shard))
 
@@ -173,7 +163,8 @@ class Trainer:
         d = self.data_config
         sources = {"video": d.video_dataset, **({"image": d.image_dataset} if d.image_ratio > 0 else {})}
         splits = {"video": d.video_split, "image": d.image_split}
-        return {kind: _metric_depth(_metadata(name, splits[kind], d.data_dir), name) for kind, name in sources.items()}
+        return {kind: _metric_depth(builders.open_split(name, splits[kind], d.data_dir)[1], name)
+                for kind, name in sources.items()}
 
     def _check_best_metric(self) -> None:
         available = ["val_loss", "val_spatial", "val_stable"]

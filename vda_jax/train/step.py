@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from vda_jax.inference.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from vda_jax.ops.normalize import normalize
 from vda_jax.train import losses
 from vda_jax.train.sharding import batch_sharding, replicated
 from vda_jax.train.state import TrainState, trainable
@@ -56,12 +56,6 @@ class StepOptions:
     def __post_init__(self):
         if self.remat and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {self.remat!r}")
-
-
-def normalize(frames: jax.Array) -> jax.Array:
-    """uint8 RGB ``[..., 3]`` -> ImageNet-normalised float32."""
-    x = frames.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def disparity_target(depth: jax.Array, mask: jax.Array, metric_depth: bool) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Training configs (``vda-jax train --config NAME``), installed as ``vda_jax.configs``."""

@@ -1,0 +1,1 @@
+"""``vda-jax train --config NAME`` runs ``NAME.py`` here; see ``vda_jax.train.config``."""

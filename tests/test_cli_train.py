@@ -1,0 +1,158 @@
+"""The train / convert / eval / pseudo-label side of the command line under a user's hands (issue 13)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
+from vda_jax.convert.readers import read_checkpoint
+
+from vda_jax import cli
+from vda_jax.checkpoint import flat_shapes, load_checkpoint
+from vda_jax.inference.window import WINDOW_FRAMES
+from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.train.config import load_config, model_config_from, resume_changes
+
+
+def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fixtures):
+    # Interrupts while starting, converting and writing; tries run side by side to keep it short.
+    command = [sys.executable, "-m", "vda_jax.cli", "convert", str(fixtures / "tiny.pth"), "--config",
+               str(fixtures / "tiny_architecture.json")]
+    delays = (0.5, 1.2, 2.0)  # after the interpreter's own start-up, which nothing here can make interruptible
+    runs = []
+    for i, delay in enumerate(delays):
+        process = subprocess.Popen([*command, str(tmp_path / f"m{i}")], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        runs.append((time.monotonic() + delay, process))
+    signalled = []
+    for when, process in runs:
+        time.sleep(max(0.0, when - time.monotonic()))
+        signalled.append(process.poll() is None)
+        process.send_signal(signal.SIGINT)
+    assert sum(signalled) >= 2, "the conversions finished before the interrupts; raise the delays"
+    for i, (_, process) in enumerate(runs):
+        _, err = process.communicate(timeout=120)
+        if signalled[i]:
+            assert process.returncode == 130, err
+            assert err.strip().endswith("vda-jax: interrupted") and "Traceback" not in err, err
+        if (tmp_path / f"m{i}").exists():  # the interrupt came too late to stop it: a whole model
+            load_checkpoint(str(tmp_path / f"m{i}"))
+    assert all(not name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left
+
+
+def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, capsys):
+    args = ["convert", str(fixtures / "tiny.pth"), "--config", str(fixtures / "tiny_architecture.json"), "--overwrite"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    assert cli.main([*args, str(notes)]) == 1
+    assert "is not a vda-jax model directory" in capsys.readouterr().err
+    assert (notes / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    assert cli.main([*args, str(tmp_path / "file")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    # A model directory, or an empty one, is replaced.
+    (tmp_path / "empty").mkdir()
+    assert cli.main([*args, str(tmp_path / "empty")]) == 0
+    assert cli.main([*args, str(tmp_path / "empty")]) == 0
+    load_checkpoint(str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "notes"]
+
+
+def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, tiny_model_dir, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    out = tmp_path.parent / f"{tmp_path.name}-labels"
+    args = ["pseudo-label", str(tmp_path), "--output", str(out), "--checkpoint", str(tiny_model_dir),
+            "--input-size", "28", "--quiet"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vda-jax pseudo-label: error: labelled 2 image(s), but 1 could not be read: ")
+    assert "broken.png" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(out / "depth")) == ["a.npy", "b.npy"]
+
+
+@pytest.mark.parametrize("name", ["synthetic_tiny", "synthetic_claim", "paper:vits", "paper:vitl"])
+def test_shipped_configs_load_by_name_from_any_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert model_config_from(load_config(name).model).num_frames >= WINDOW_FRAMES  # validated on loading
+
+
+def test_the_tiny_config_trains_a_model_that_runs_the_inference_window():
+    config = load_config("synthetic_tiny")
+    model = nnx.eval_shape(lambda: VideoDepthAnything(model_config_from(config.model), rngs=nnx.Rngs(0)))
+    window = jax.ShapeDtypeStruct((1, WINDOW_FRAMES, 28, 28, 3), jnp.float32)
+    assert nnx.eval_shape(lambda m, x: m(x), model, window).shape == (1, WINDOW_FRAMES, 28, 28)
+
+
+def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
+    def train(*args):
+        code = cli.main(["train", "--workdir", str(tmp_path / "run"), *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and "Downloading" not in out + err and len(err.splitlines()) == 1, err
+        return code, err
+
+    (tmp_path / "some.json").write_text("{}")
+    assert train("--config", str(tmp_path / "some.json")) == (1, f"vda-jax train: error: config file "
+                                                                  f"{tmp_path / 'some.json'} is not a Python file; "
+                                                                  "a config is a .py file defining get_config() "
+                                                                  "(see configs/train/)\n")
+    code, err = train("--config", "no_such_config")
+    assert code == 1 and "shipped config: paper, synthetic_claim, synthetic_tiny" in err
+    # Values are checked before any data is written.
+    for override, message in [("total_steps=10", "optimizer.warmup_steps must be in [0, total_steps=10)"),
+                              ("model.num_frames=8", "model.num_frames 8 is below the 32-frame inference window"),
+                              ("data.clip_frames=40", "data.clip_frames 40 exceeds model.num_frames 32"),
+                              ("data.crop_size=(50,50)", "crop_size must be two positive multiples of 14"),
+                              ("remat='all'", "remat must be '' or one of"),
+                              ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'")]:
+        code, err = train("--config", "synthetic_tiny", override)
+        assert code == 1 and message in err, (override, err)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    for workdir in ("file", "file/run"):
+        code, err = train("--config", "synthetic_tiny", "--workdir", str(tmp_path / workdir))
+        assert code == 1 and f"{tmp_path / 'file'} is a file" in err, err
+
+
+def test_resuming_says_what_changed_and_refuses_incompatible_changes(tmp_path, capsys):
+    started = load_config("synthetic_tiny").to_json(indent=2)  # as the run's config.json
+    resumed = load_config("synthetic_tiny", ["optimizer.lr=3e-4", "total_steps=400", "data.crop_size=(28,28)"])
+    assert resume_changes(started, resumed) == [
+        "data.crop_size: [56, 56] -> [28, 28]", "optimizer.lr: 0.001 -> 0.0003", "total_steps: 300 -> 400"]
+    assert resume_changes(started, load_config("synthetic_tiny")) == []
+    # From the command line: refused before anything is built.
+    (tmp_path / "config.json").write_text(started)
+    args = ["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path)]
+    assert cli.main([*args, "batch_size=8", "model.features=64", "optimizer.lr=3e-4"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("vda-jax train: error: the run in this workdir cannot resume with batch_size: 4 -> 8; "
+                   "model.features: 32 -> 64: these settings are fixed once a run starts; restore them or use a "
+                   "new --workdir\n")
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_convert_names_missing_tensors_by_their_official_names(fixtures, tiny_model):
+    shapes = {k: v.shape for k, v in read_checkpoint(fixtures / "tiny.pth").items()}  # the official layout
+    targets = flat_shapes(nnx.state(tiny_model))
+    gone = ["pretrained.blocks.0.norm1.weight", "head.scratch.refinenet1.resConfUnit2.conv1.bias",
+            "head.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"]
+    with pytest.raises(KeyMismatchError, match=r"3 missing: (\S+, ){2}\S+\. Check") as info:
+        plan_conversion({k: v for k, v in shapes.items() if k not in gone}, targets)
+    assert sorted(str(info.value).partition("3 missing: ")[2].removesuffix(". Check --encoder / --config.")
+                  .split(", ")) == sorted(gone)
+    # A Depth Anything V2 checkpoint names its head depth_head.
+    image = {k.replace("head.", "depth_head.", 1): v for k, v in shapes.items() if "motion_modules" not in k}
+    del image["depth_head.scratch.output_conv2.2.weight"]
+    with pytest.raises(KeyMismatchError, match=r"1 missing: depth_head\.scratch\.output_conv2\.2\.weight\. Check"):
+        plan_conversion(image, targets, allow_unfilled=("head.temporal.",))

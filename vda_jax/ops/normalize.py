@@ -1,0 +1,19 @@
+"""ImageNet normalisation of RGB frames, as the DINOv2 encoder expects (inference and training)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def standardize(x: jax.Array) -> jax.Array:
+    """Float RGB in [0, 1] ``[..., 3]`` -> ``(x - mean) / std`` per channel."""
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+def normalize(frames: jax.Array) -> jax.Array:
+    """uint8 RGB ``[..., 3]`` -> ImageNet-normalised float32."""
+    return standardize(frames.astype(jnp.float32) / 255.0)
