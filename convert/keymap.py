@@ -23,9 +23,15 @@ CONV = "conv"            # weight [O, I, kh, kw] -> kernel [kh, kw, I, O]
 CONV_T = "conv_t"        # ConvTranspose weight [I, O, kh, kw] -> kernel [kh, kw, I, O]
 NORM = "norm"            # weight -> scale
 TABLE = "table"          # [1, L, D] buffer -> [L, D]
+# Fused projections, their parts an axis of their own (layers.FusedLinear):
+# weight [P*out, in] -> kernel [in, P, out], bias [P*out] -> [P, out].
+FUSED_QKV = "fused_qkv"      # P = 3: q, k, v (each head-major, so `out` splits by heads)
+FUSED_GEGLU = "fused_geglu"  # P = 2: GEGLU's value, then its gate
+_PARTS = {FUSED_QKV: 3, FUSED_GEGLU: 2}
 
 _TRANSPOSES = {LINEAR: (1, 0), CONV: (2, 3, 1, 0), CONV_T: (2, 3, 0, 1)}
-_WEIGHT_LEAF = {LINEAR: "kernel", CONV: "kernel", CONV_T: "kernel", NORM: "scale"}
+_WEIGHT_LEAF = {LINEAR: "kernel", CONV: "kernel", CONV_T: "kernel", NORM: "scale", FUSED_QKV: "kernel",
+                FUSED_GEGLU: "kernel"}
 
 _HEAD = r"(?:head|depth_head)"
 _TEMPORAL = _HEAD + r"\.motion_modules\.(\d)\.temporal_transformer\."
@@ -43,8 +49,8 @@ _RULES: list[tuple[str, str | Callable[[re.Match], str], str]] = [
     (r"pretrained\.patch_embed\.proj", "encoder.patch_embed", CONV),
     (r"pretrained\.(cls_token|pos_embed|mask_token)$", r"encoder.\1", SAME),
     (r"pretrained\.blocks\.(\d+)\.(norm[12])", r"encoder.blocks.\1.\2", NORM),
-    (r"pretrained\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc[12]|mlp\.w12|mlp\.w3)", r"encoder.blocks.\1.\2",
-     LINEAR),
+    (r"pretrained\.blocks\.(\d+)\.attn\.qkv", r"encoder.blocks.\1.attn.qkv", FUSED_QKV),
+    (r"pretrained\.blocks\.(\d+)\.(attn\.proj|mlp\.fc[12]|mlp\.w12|mlp\.w3)", r"encoder.blocks.\1.\2", LINEAR),
     (r"pretrained\.blocks\.(\d+)\.(ls[12])\.gamma$", r"encoder.blocks.\1.\2.gamma", SAME),
     (r"pretrained\.norm", "encoder.norm", NORM),
     (_HEAD + r"\.projects\.(\d)", r"head.projects.\1", CONV),
@@ -64,7 +70,7 @@ _RULES: list[tuple[str, str | Callable[[re.Match], str], str]] = [
     (_BLOCK0 + r"attention_blocks\.(\d)\.pos_encoder\.pe$", r"head.temporal.\1.attention_blocks.\2.pe", TABLE),
     (_BLOCK0 + r"norms\.(\d)", r"head.temporal.\1.norms.\2", NORM),
     (_BLOCK0 + r"ff_norm", r"head.temporal.\1.ff_norm", NORM),
-    (_BLOCK0 + r"ff\.net\.0\.proj", r"head.temporal.\1.ff.proj", LINEAR),
+    (_BLOCK0 + r"ff\.net\.0\.proj", r"head.temporal.\1.ff.proj", FUSED_GEGLU),
     (_BLOCK0 + r"ff\.net\.2", r"head.temporal.\1.ff.out", LINEAR),
 ]
 _COMPILED = [(re.compile(pattern), target, transform) for pattern, target, transform in _RULES]
@@ -85,11 +91,14 @@ def target_of(key: str) -> tuple[str, str] | None:
             continue
         if leaf == "weight" and transform in _WEIGHT_LEAF:
             return f"{module}.{_WEIGHT_LEAF[transform]}", transform
-        return f"{module}.{leaf}", SAME
+        return f"{module}.{leaf}", transform if transform in _PARTS else SAME
     return None
 
 
 def transform_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    if transform in _PARTS and len(shape) in (1, 2) and shape[0] % _PARTS[transform] == 0:
+        parts = (_PARTS[transform], shape[0] // _PARTS[transform])
+        return (*shape[1:], *parts)
     if transform in _TRANSPOSES and len(shape) == len(_TRANSPOSES[transform]):
         return tuple(shape[i] for i in _TRANSPOSES[transform])
     if transform == TABLE and len(shape) == 3 and shape[0] == 1:
@@ -98,6 +107,9 @@ def transform_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
 
 
 def transform_value(value: np.ndarray, transform: str) -> np.ndarray:
+    if transform in _PARTS:  # [P*out, in] -> [in, P, out] (bias [P*out] -> [P, out])
+        parts = value.reshape(_PARTS[transform], -1, *value.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(parts, (0, 1), (-2, -1)))
     if transform in _TRANSPOSES:
         return np.ascontiguousarray(np.transpose(value, _TRANSPOSES[transform]))
     if transform == TABLE:

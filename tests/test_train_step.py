@@ -98,7 +98,10 @@ def test_partition_spec_rules():
     assert sharding.partition_spec("opt.mu.encoder.blocks.0.mlp.fc2.kernel", (256, 64), mesh, rules) == \
         P("tensor", "fsdp")
     # Axes that do not divide a dimension are dropped; small arrays stay replicated.
-    assert sharding.partition_spec("head.temporal.0.ff.proj.bias", (3,), mesh, rules) == P(None)
+    assert sharding.partition_spec("head.temporal.0.ff.proj.bias", (2, 3), mesh, rules) == P(None, None)
+    # Fused projections split heads / features, never their parts (q/k/v, GEGLU value/gate).
+    assert sharding.partition_spec("encoder.blocks.0.attn.qkv.kernel", (64, 3, 64), mesh, rules) == \
+        P("fsdp", None, "tensor")
     assert sharding.partition_spec("head.conv.kernel", (3, 3, 64, 32), mesh, min_fsdp_size=10**5) == P(*[None] * 4)
     with pytest.raises(ValueError, match="needs 4 devices but there are 8"):
         sharding.make_mesh(2, 2, 1)

@@ -2,8 +2,12 @@
 
 Layout of a model directory::
 
-    DIR/config.json   {"format": "vda-jax", "version": 1, "model": ModelConfig fields, ...}
+    DIR/config.json   {"format": "vda-jax", "version": 2, "model": ModelConfig fields, ...}
     DIR/params/       orbax StandardCheckpointer tree of the model's variables
+
+Version 1 stored the fused projections (``FusedLinear``: ViT ``attn.qkv``, temporal
+``ff.proj``) with their parts merged, kernel ``[in, P*out]`` and bias ``[P*out]``; they
+are split into ``[in, P, out]`` / ``[P, out]`` on load.
 
 Directories are written under a temporary name next to the target and renamed
 into place when complete, so a failed or interrupted write leaves nothing behind.
@@ -27,11 +31,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype
+from vda_jax.models.layers import Dtype, FusedLinear
 from vda_jax.models.vda import VideoDepthAnything
 
 FORMAT = "vda-jax"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointFormatError(ValueError):
@@ -146,6 +150,18 @@ def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     return ModelConfig.from_dict(info["model"]), info
 
 
+def _fused_parameters(model: VideoDepthAnything) -> list[tuple]:
+    """Paths (in ``nnx.to_pure_dict`` trees) of the ``FusedLinear`` kernels and biases of ``model``."""
+    return [(*path, leaf) for path, node in nnx.iter_graph(model) if isinstance(node, FusedLinear)
+            for leaf in ("kernel", "bias")]
+
+
+def _at(tree: dict, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnything:
     """Loads a converted or trained model directory.
 
@@ -155,7 +171,7 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
     Returns:
       A ready ``VideoDepthAnything``: ``model(frames [B, T, H, W, 3]) -> [B, T, H, W]``.
     """
-    config, _ = read_config(path)
+    config, info = read_config(path)
     graphdef, abstract = abstract_model(config, dtype)
     params_dir = os.path.join(os.path.abspath(path), "params")
     if not os.path.isdir(params_dir):
@@ -168,10 +184,19 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
     process = jax.process_index()
     local = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
                                                barrier_sync_key_prefix=f"load-{process}")
+    # Version 1 stored each fused projection's parts merged into its last axis.
+    fused = _fused_parameters(nnx.merge(graphdef, abstract)) if info.get("version", 1) < 2 else []
+    shapes = {path: _at(target, path).shape for path in fused}
+    for path in fused:
+        want = _at(target, path)
+        merged = (*want.shape[:-2], want.shape[-2] * want.shape[-1])
+        _at(target, path[:-1])[path[-1]] = jax.ShapeDtypeStruct(merged, want.dtype, sharding=device)
     try:
         with ocp.StandardCheckpointer(multiprocessing_options=local) as checkpointer:
             restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax raises many types for truncated or foreign trees
         raise CheckpointFormatError(f"cannot read the parameters in {params_dir}: {e}".splitlines()[0]) from e
+    for path in fused:
+        _at(restored, path[:-1])[path[-1]] = _at(restored, path).reshape(shapes[path])
     nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(graphdef, abstract)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vda_jax.models.partitioning import GatherAtUse, constrain
+
 Dtype = jnp.dtype | type
 
 
@@ -63,8 +65,34 @@ def default_frames_per_chunk() -> int | None:
 
 
 def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
-           use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
+           use_bias: bool = True, kernel_init: nnx.Initializer | None = None,
+           axes: tuple[str | None, str | None] = (None, None)) -> nnx.Linear:
+    """``nnx.Linear`` whose kernel ``[in, out]`` is gathered at use to the logical ``axes``."""
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs, **init,
+                      promote_dtype=GatherAtUse(axes, axes[1:]))
+
+
+class FusedLinear(nnx.Module):
+    """``parts`` linear maps of one input in one matmul: ``[..., in] -> [..., parts, out]``.
+
+    Kernel ``[in, parts, out]``, bias ``[parts, out]``. The parts (q, k, v; GEGLU's value
+    and gate) are an axis of their own, so tensor parallelism splits ``out`` (the logical
+    ``out_axis``, e.g. heads) and every shard holds matching slices of all parts.
+    """
+
+    def __init__(self, in_features: int, parts: int, out_features: int, *, out_axis: str,
+                 rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+        init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))  # fan-in as an [in, parts*out] Linear
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, parts, out_features)))
+        self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (parts, out_features)))
+        self.out_axis = out_axis
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = constrain(self.kernel[...], (None, None, self.out_axis)).astype(self.dtype)
+        bias = constrain(self.bias[...], (None, self.out_axis)).astype(self.dtype)
+        return jnp.einsum("...i,ipo->...po", x.astype(self.dtype), kernel) + bias
 
 
 def conv(in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
@@ -72,7 +100,7 @@ def conv(in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rngs, st
     """A PyTorch-style Conv2d on channels-last input: symmetric zero padding."""
     return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
                     padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                    dtype=dtype, rngs=rngs)
+                    dtype=dtype, rngs=rngs, promote_dtype=GatherAtUse((None,) * 4))
 
 
 def layer_norm(features: int, epsilon: float, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32) -> nnx.LayerNorm:
@@ -99,6 +127,6 @@ class UpConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, _ = x.shape
         k = self.factor
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = constrain(self.kernel[...], (None,) * 4).astype(self.dtype)
         y = jnp.einsum("nhwc,klco->nhkwlo", x.astype(self.dtype), kernel)
-        return y.reshape(n, h * k, w * k, -1) + self.bias[...].astype(self.dtype)
+        return y.reshape(n, h * k, w * k, -1) + constrain(self.bias[...], (None,)).astype(self.dtype)

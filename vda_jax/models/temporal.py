@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vda_jax.models.layers import Buffer, Dtype, gelu, layer_norm, linear
+from vda_jax.models.layers import Buffer, Dtype, FusedLinear, gelu, layer_norm, linear
 
 _GROUP_NORM_EPS = 1e-6
 _LAYER_NORM_EPS = 1e-5
@@ -62,10 +62,10 @@ class TemporalAttention(nnx.Module):
     def __init__(self, dim: int, heads: int, max_frames: int, pe: str, *, rngs: nnx.Rngs, dtype: Dtype):
         self.heads = heads
         self.pe_type = pe
-        self.to_q = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
-        self.to_k = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
-        self.to_v = linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
-        self.to_out = linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.to_q = linear(dim, dim, use_bias=False, axes=(None, "heads"), rngs=rngs, dtype=dtype)
+        self.to_k = linear(dim, dim, use_bias=False, axes=(None, "heads"), rngs=rngs, dtype=dtype)
+        self.to_v = linear(dim, dim, use_bias=False, axes=(None, "heads"), rngs=rngs, dtype=dtype)
+        self.to_out = linear(dim, dim, axes=("heads", None), rngs=rngs, dtype=dtype)
         self.pe = Buffer(jnp.asarray(sinusoidal_table(max_frames, dim))) if pe == "ape" else None
 
     def __call__(self, x: jax.Array, cached: jax.Array | None = None) -> jax.Array:
@@ -95,12 +95,12 @@ class GEGLUFeedForward(nnx.Module):
     """``value * gelu(gate)`` with both halves from one projection, then a projection back."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Dtype):
-        self.proj = linear(dim, 2 * _FF_MULT * dim, rngs=rngs, dtype=dtype)
-        self.out = linear(_FF_MULT * dim, dim, rngs=rngs, dtype=dtype)
+        self.proj = FusedLinear(dim, 2, _FF_MULT * dim, out_axis="mlp", rngs=rngs, dtype=dtype)
+        self.out = linear(_FF_MULT * dim, dim, axes=("mlp", None), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        value, gate = jnp.split(self.proj(x), 2, axis=-1)
-        return self.out(value * gelu(gate))
+        both = self.proj(x)
+        return self.out(both[..., 0, :] * gelu(both[..., 1, :]))
 
 
 class TemporalModule(nnx.Module):
@@ -121,7 +121,7 @@ class TemporalModule(nnx.Module):
         self.ff_norm = layer_norm(dim, _LAYER_NORM_EPS, rngs=rngs, dtype=dtype)
         self.ff = GEGLUFeedForward(dim, rngs=rngs, dtype=dtype)
         # Zero-initialised output projection: a new layer starts as the identity.
-        self.proj_out = nnx.Linear(dim, channels, kernel_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(dim, channels, kernel_init=nnx.initializers.zeros, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
         """Applies the layer.

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype, attention, conv, gelu, layer_norm, linear
+from vda_jax.models.layers import Dtype, FusedLinear, attention, conv, gelu, layer_norm, linear
+from vda_jax.models.partitioning import constrain
 from vda_jax.ops.resize import resize_torch_bicubic_by_scale
 
 _LN_EPS = 1e-6
@@ -20,20 +21,20 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype):
         self.num_heads = num_heads
-        self.qkv = linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
-        self.proj = linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.qkv = FusedLinear(dim, 3, dim, out_axis="heads", rngs=rngs, dtype=dtype)
+        self.proj = linear(dim, dim, axes=("heads", None), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3 * self.num_heads, d // self.num_heads), 3, axis=2)
-        out = attention(q, k, v)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(out.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype):
-        self.fc1 = linear(dim, hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = linear(hidden, dim, rngs=rngs, dtype=dtype)
+        self.fc1 = linear(dim, hidden, axes=(None, "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = linear(hidden, dim, axes=("mlp", None), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -130,7 +131,8 @@ class DinoVisionTransformer(nnx.Module):
         x = self.patch_embed(images.astype(self.dtype)).reshape(n, ph * pw, -1)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        pos = interpolate_pos_embed(self.pos_embed[...][0], ph, pw, self.config.interpolate_offset)
+        pos_embed = constrain(self.pos_embed[...], (None,) * 3)[0]  # gathered at use
+        pos = interpolate_pos_embed(pos_embed, ph, pw, self.config.interpolate_offset)
         x = x + pos.astype(x.dtype)
         taken = set(self.config.intermediate_layers)
         outputs = []

@@ -26,20 +26,26 @@ BATCH_AXES = ("data", "fsdp")
 Rule = tuple[str, Sequence[str | None]]
 
 # Megatron-style tensor parallelism for the ViT and the temporal layers: the first matmul of
-# each pair is split over its output features, the second over its input features.
+# each pair is split over its output features (heads), the second over its input features.
+# Fused projections ([in, parts, out]: q/k/v, GEGLU value/gate) split `out`, never the parts.
+# The layers gather parameters at use by the same axes (LOGICAL_RULES: "heads", "mlp").
 TENSOR_RULES: tuple[Rule, ...] = (
-    (r"attn\.qkv\.kernel$", (None, "tensor")),
-    (r"attn\.qkv\.bias$", ("tensor",)),
+    (r"attn\.qkv\.kernel$", (None, None, "tensor")),
+    (r"attn\.qkv\.bias$", (None, "tensor")),
     (r"attn\.proj\.kernel$", ("tensor", None)),
     (r"mlp\.fc1\.kernel$", (None, "tensor")),
     (r"mlp\.fc1\.bias$", ("tensor",)),
     (r"mlp\.fc2\.kernel$", ("tensor", None)),
     (r"to_[qkv]\.kernel$", (None, "tensor")),
     (r"to_out\.kernel$", ("tensor", None)),
-    (r"ff\.proj\.kernel$", (None, "tensor")),
-    (r"ff\.proj\.bias$", ("tensor",)),
+    (r"ff\.proj\.kernel$", (None, None, "tensor")),
+    (r"ff\.proj\.bias$", (None, "tensor")),
     (r"ff\.out\.kernel$", ("tensor", None)),
 )
+
+# The layers' logical axis names (vda_jax.models.partitioning) -> mesh axes, for the steps'
+# traces: parameters are gathered at use to these axes only (FSDP shards never reach a matmul).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {"heads": "tensor", "mlp": "tensor"}
 
 
 def maybe_initialize_distributed() -> None:

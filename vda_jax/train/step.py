@@ -19,9 +19,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from vda_jax.models import partitioning
 from vda_jax.ops.normalize import normalize
 from vda_jax.train import losses
-from vda_jax.train.sharding import batch_sharding, replicated
+from vda_jax.train.sharding import LOGICAL_RULES, batch_sharding, replicated
 from vda_jax.train.state import TrainState, trainable
 
 Batch = dict[str, jax.Array]
@@ -114,10 +115,20 @@ def eval_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch
     return pred, depth_losses(pred, batch, opts)
 
 
+def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` traced with the layers' logical axes mapped onto ``mesh`` (``LOGICAL_RULES``)."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with partitioning.axis_rules(mesh, LOGICAL_RULES):
+            return fn(*args)
+
+    return wrapped
+
+
 def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
                    mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]:
     """``train_step`` compiled for states placed by ``shardings``; the input state is donated."""
-    return jax.jit(functools.partial(train_step, graphdef, opts),
+    return jax.jit(_on_mesh(mesh, functools.partial(train_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
@@ -125,6 +136,6 @@ def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.Sta
 def jit_eval_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
                   mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, Metrics]]:
     """``eval_step`` compiled for states placed by ``shardings``; predictions stay batch-sharded."""
-    return jax.jit(functools.partial(eval_step, graphdef, opts),
+    return jax.jit(_on_mesh(mesh, functools.partial(eval_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(batch_sharding(mesh), replicated(mesh)))

@@ -1,0 +1,81 @@
+"""Logical axis names -> mesh axes, applied where arrays are used (MaxText style).
+
+Layers name the axes of the parameters and activations they use ("heads", "mlp", "frames",
+"space", ...). A jitted step that runs on a mesh sets the table from names to mesh axes for
+its trace (``axis_rules``); ``constrain`` then lays an array out as its names say, every
+unnamed or unmapped axis replicated. A parameter constrained at its use is gathered there
+from its FSDP shards (the transpose reduce-scatters its gradient), so XLA never has to guess
+a layout. Outside ``axis_rules`` every constraint is a no-op: single-device code runs as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+from flax.nnx.nn import dtypes
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+Rules = Mapping[str, str | tuple[str, ...] | None]
+Names = Sequence[str | None]
+
+_context: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Within the block, ``constrain`` lays arrays out on ``mesh`` by ``rules``."""
+    _context.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _context.pop()
+
+
+def _size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for axis in axes:
+        size *= mesh.shape[axis]
+    return size
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """``x`` laid out as its axes' ``names`` map under the current ``axis_rules`` (no-op outside).
+
+    A mapped axis that does not divide its dimension stays replicated, as the placement
+    rules of the parameters do.
+    """
+    if not _context:
+        return x
+    mesh, rules = _context[-1]
+    if len(names) != x.ndim:
+        raise ValueError(f"{len(names)} axis names {tuple(names)} for an array of shape {x.shape}")
+    spec = []
+    for name, dim in zip(names, x.shape, strict=True):
+        axes = None if name is None else rules.get(name)
+        spec.append(axes if axes is not None and dim % _size(mesh, axes) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherAtUse:
+    """A Flax ``promote_dtype`` that first lays out ``(inputs, kernel, bias)`` by their names.
+
+    Given to ``nnx.Linear`` / ``nnx.Conv`` (their hook on the parameters at use), it gathers
+    the kernel and bias from their FSDP shards, keeping only the axes named in the rules
+    (e.g. "heads" on ``tensor``).
+    """
+
+    kernel: tuple[str | None, ...]
+    bias: tuple[str | None, ...] = (None,)
+
+    def __call__(self, args, /, *, dtype=None, inexact=True):
+        inputs, kernel, bias = args
+        kernel = constrain(kernel, self.kernel)
+        bias = None if bias is None else constrain(bias, self.bias)
+        return dtypes.promote_dtype((inputs, kernel, bias), dtype=dtype, inexact=inexact)
