@@ -8,14 +8,28 @@ Public API::
     stream = vda_jax.StreamingDepth(model); depth = stream.step(frame)
 """
 
-from vda_jax.checkpoint import load_checkpoint, save_model
-from vda_jax.config import ModelConfig, config_from_json, model_config
-from vda_jax.inference.stream import StreamingDepth, stream_depth
-from vda_jax.inference.video import VideoJob, infer_video_depth, infer_videos, run_videos
-from vda_jax.models.vda import VideoDepthAnything
+import importlib
 
-__all__ = [
-    "ModelConfig", "StreamingDepth", "VideoDepthAnything", "VideoJob", "config_from_json", "infer_video_depth",
-    "infer_videos", "load_checkpoint", "model_config", "run_videos", "save_model", "stream_depth",
-]
+# Loaded on first use, so that the JAX-free runtime (``vda_jax.runtime``) imports without JAX.
+_API = {
+    "ModelConfig": "vda_jax.config", "config_from_json": "vda_jax.config", "model_config": "vda_jax.config",
+    "load_checkpoint": "vda_jax.checkpoint", "save_model": "vda_jax.checkpoint",
+    "StreamingDepth": "vda_jax.inference.stream", "stream_depth": "vda_jax.inference.stream",
+    "VideoJob": "vda_jax.inference.video", "infer_video_depth": "vda_jax.inference.video",
+    "infer_videos": "vda_jax.inference.video", "run_videos": "vda_jax.inference.video",
+    "VideoDepthAnything": "vda_jax.models.vda",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'vda_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]
+
+
 __version__ = "0.1.0"
