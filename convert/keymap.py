@@ -5,6 +5,9 @@ target path in our ``nnx.state`` (dotted) and the transform of the value. The
 planner checks, from shapes alone, that every source tensor is used, every
 parameter is filled and every shape agrees, so a wrong checkpoint fails before
 any array is copied.
+
+The way back (``official_key``, ``inverse_value``) exports our models in the
+official layout; every official key it produces is checked against the forward map.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ TABLE = "table"          # [1, L, D] buffer -> [L, D]
 
 _TRANSPOSES = {LINEAR: (1, 0), CONV: (2, 3, 1, 0), CONV_T: (2, 3, 0, 1)}
 _WEIGHT_LEAF = {LINEAR: "kernel", CONV: "kernel", CONV_T: "kernel", NORM: "scale"}
+
+
+def _transposed(perm: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda value: np.ascontiguousarray(np.transpose(value, perm))
+
+
+# The inverse of every transform, ours -> PyTorch layout (a new transform adds its entry here).
+_INVERSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    SAME: np.asarray,
+    NORM: np.asarray,
+    TABLE: lambda value: value[None],
+    **{t: _transposed(tuple(int(i) for i in np.argsort(perm))) for t, perm in _TRANSPOSES.items()},
+}
 
 _HEAD = r"(?:head|depth_head)"
 _TEMPORAL = _HEAD + r"\.motion_modules\.(\d)\.temporal_transformer\."
@@ -102,6 +118,51 @@ def transform_value(value: np.ndarray, transform: str) -> np.ndarray:
     if transform == TABLE:
         return value.reshape(value.shape[1:])
     return value
+
+
+def inverse_value(value: np.ndarray, transform: str) -> np.ndarray:
+    """Our array -> the official tensor: ``transform_value``'s inverse."""
+    return _INVERSES[transform](value)
+
+
+# Our module paths -> official ones (regex, replacement); the first match applies. The forward
+# map stays the reference: `official_key` checks that it maps the result back.
+_OFFICIAL_BLOCK0 = r"head.motion_modules.\1.temporal_transformer.transformer_blocks.0."
+_OFFICIAL_NAMES: list[tuple[str, str | Callable[[re.Match], str]]] = [
+    (r"encoder\.patch_embed\.", "pretrained.patch_embed.proj."),
+    (r"encoder\.", "pretrained."),
+    (r"head\.layer_rn\.(\d)\.", lambda m: f"head.scratch.layer{int(m.group(1)) + 1}_rn."),
+    (r"head\.refinenets\.(\d)\.res_unit", lambda m: f"head.scratch.refinenet{int(m.group(1)) + 1}.resConfUnit"),
+    (r"head\.refinenets\.(\d)\.", lambda m: f"head.scratch.refinenet{int(m.group(1)) + 1}."),
+    (r"head\.output_conv1\.", "head.scratch.output_conv1."),
+    (r"head\.output_conv2\.", "head.scratch.output_conv2.0."),
+    (r"head\.output_conv3\.", "head.scratch.output_conv2.2."),
+    (r"head\.temporal\.(\d)\.(norm|proj_in|proj_out)\.", r"head.motion_modules.\1.temporal_transformer.\2."),
+    (r"head\.temporal\.(\d)\.attention_blocks\.(\d)\.to_out\.", _OFFICIAL_BLOCK0 + r"attention_blocks.\2.to_out.0."),
+    (r"head\.temporal\.(\d)\.attention_blocks\.(\d)\.pe$", _OFFICIAL_BLOCK0 + r"attention_blocks.\2.pos_encoder.pe"),
+    (r"head\.temporal\.(\d)\.ff\.proj\.", _OFFICIAL_BLOCK0 + "ff.net.0.proj."),
+    (r"head\.temporal\.(\d)\.ff\.out\.", _OFFICIAL_BLOCK0 + "ff.net.2."),
+    (r"head\.temporal\.(\d)\.", _OFFICIAL_BLOCK0),
+]
+_OFFICIAL_COMPILED = [(re.compile(pattern), name) for pattern, name in _OFFICIAL_NAMES]
+
+
+def official_key(path: str) -> tuple[str, str]:
+    """Our dotted path -> ``(official key, transform)``: the inverse of ``target_of``.
+
+    Raises:
+      KeyError if the path has no official counterpart.
+    """
+    key = path
+    for pattern, name in _OFFICIAL_COMPILED:
+        if pattern.match(path):
+            key = pattern.sub(name, path, count=1)
+            break
+    key = re.sub(r"\.(kernel|scale)$", ".weight", key)
+    found = target_of(key)
+    if found is None or found[0] != path:
+        raise KeyError(f"{path} has no key in the official layout")
+    return key, found[1]
 
 
 class KeyMismatchError(ValueError):
