@@ -58,6 +58,9 @@ class ExportOptions:
         for name, size in (("height", self.height), ("width", self.width)):
             if size is not None and (size < sizing.MULTIPLE or size % sizing.MULTIPLE):
                 raise ValueError(f"--{name} {size} must be a positive multiple of {sizing.MULTIPLE}")
+        if self.format == "official" and (self.streaming or self.precision != "fp32" or self.height):
+            raise ValueError("--format official writes the float32 parameters only; drop --streaming, "
+                             "--precision, --height and --width")
         if not 1 <= self.frames <= config_frames:
             raise ValueError(f"--frames {self.frames} must be between 1 and the model's {config_frames}")
 

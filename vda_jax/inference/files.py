@@ -23,6 +23,7 @@ from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
 from vda_jax.io.video import VideoInfo, VideoWriter, probe, read_frames
 from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.runtime.model import ExportedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,8 @@ class VideoOutputs:
             self.finished = True
 
 
-def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
-                input_size: int = 518, precision: str | None = None, batch_size: int = 1,
+def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
+                read: ReadOptions, *, input_size: int = 518, precision: str | None = None, batch_size: int = 1,
                 streaming: bool = False, progress: bool = True,
                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> list[str]:
     """Writes depth outputs for every source; returns the sources that failed (each logged in one line)."""
@@ -132,7 +133,8 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"several inputs would write {duplicates[0]}; process them into different --output-dir")
-    if options.save_ply and not model.config.metric:
+    exported = isinstance(model, ExportedModel)  # runs in onnxruntime, one video at a time
+    if options.save_ply and not (model.metric if exported else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
     os.makedirs(options.output_dir, exist_ok=True)
     failed: list[str] = []
@@ -168,7 +170,7 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
 
     try:
         for frame_size, group in infos.items():
-            if streaming:
+            if streaming or exported:
                 for job in jobs(group):
                     _stream_job(model, job, input_size, precision, bar.update, on_error)
             else:
@@ -183,14 +185,19 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
     return failed
 
 
-def _stream_job(model: VideoDepthAnything, job: VideoJob, input_size: int, precision: str | None,
+def _stream_job(model: VideoDepthAnything | ExportedModel, job: VideoJob, input_size: int, precision: str | None,
                 on_frames: Callable[[int], None], on_error: Callable[[VideoJob, Exception], None]) -> None:
+    """One video through the streaming mode, or through an exported model (``[n, H, W]`` chunks)."""
     from vda_jax.inference.stream import stream_depth
 
+    if isinstance(model, ExportedModel):
+        depths = model.depth(job.frames, input_size)
+    else:
+        depths = (d[None] for d in stream_depth(model, job.frames, input_size=input_size, precision=precision))
     try:
-        for depth in stream_depth(model, job.frames, input_size=input_size, precision=precision):
-            job.sink.write(depth[None])
-            on_frames(1)
+        for depth in depths:
+            job.sink.write(depth)
+            on_frames(len(depth))
     except (ValueError, OSError) as e:
         on_error(job, e)
         return

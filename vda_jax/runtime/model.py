@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import onnxruntime as ort
 
 from vda_jax.inference.sizing import network_size
 from vda_jax.runtime import video
@@ -28,6 +27,8 @@ class ExportedModel:
             self.meta = json.load(f)
         if self.meta.get("format") != EXPORT_FORMAT or self.meta.get("artifact") != "onnx":
             raise ValueError(f"{meta_path} does not describe a vda-jax ONNX export")
+        import onnxruntime as ort  # here, so that importing this module needs no onnxruntime
+
         options = ort.SessionOptions()
         options.log_severity_level = 3  # no warnings about initializers the graph optimiser removes
         self.session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
