@@ -48,6 +48,7 @@ def test_export_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
         (["--height", "60", "--width", "98"], "--height 60 must be a positive multiple of 14"),
         (["--height", "70"], "give both --height and --width"),
         (["--format", "official", "--streaming"], "official writes the float32 parameters only"),
+        (["--precision", "fp16"], "ONNX export is float32 only"),
     ]
     for flags, message in cases:
         out = tmp_path / ("m.pth" if "official" in flags else "m.onnx")

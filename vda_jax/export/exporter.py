@@ -58,6 +58,10 @@ class ExportOptions:
         for name, size in (("height", self.height), ("width", self.width)):
             if size is not None and (size < sizing.MULTIPLE or size % sizing.MULTIPLE):
                 raise ValueError(f"--{name} {size} must be a positive multiple of {sizing.MULTIPLE}")
+        if self.format == "onnx" and self.precision != "fp32":
+            # jax2onnx 0.17.1's Flax layer plugins ignore the layers' compute dtype and mix float16 and float32.
+            raise ValueError(f"ONNX export is float32 only; build a {self.precision} engine from it "
+                             "(trtexec --fp16) or use --format stablehlo")
         if self.format == "official" and (self.streaming or self.precision != "fp32" or self.height):
             raise ValueError("--format official writes the float32 parameters only; drop --streaming, "
                              "--precision, --height and --width")
