@@ -82,7 +82,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=_positive_int, help="network input height, a multiple of 14 "
                                                         "(default: the checkpoint's input size)")
     p.add_argument("--width", type=_positive_int, help="network input width, a multiple of 14")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="compute precision")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="compute precision (ONNX: fp32 only; build fp16 engines from it)")
     p.add_argument("--streaming", action="store_true",
                    help="one frame in, depth out, with the temporal caches as explicit inputs and outputs")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
