@@ -5,12 +5,14 @@ target path in our ``nnx.state`` (dotted) and the transform of the value. The
 planner checks, from shapes alone, that every source tensor is used, every
 parameter is filled and every shape agrees, so a wrong checkpoint fails before
 any array is copied.
+
+The way back (``official_key``, ``inverse_value``) exports our models in the
+official layout; every official key it produces is checked against the forward map.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from collections.abc import Callable, Mapping
 
@@ -32,6 +34,22 @@ _PARTS = {FUSED_QKV: 3, FUSED_GEGLU: 2}
 _TRANSPOSES = {LINEAR: (1, 0), CONV: (2, 3, 1, 0), CONV_T: (2, 3, 0, 1)}
 _WEIGHT_LEAF = {LINEAR: "kernel", CONV: "kernel", CONV_T: "kernel", NORM: "scale", FUSED_QKV: "kernel",
                 FUSED_GEGLU: "kernel"}
+
+
+def _transposed(perm: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda value: np.ascontiguousarray(np.transpose(value, perm))
+
+
+# The inverse of every transform, ours -> PyTorch layout (a new transform adds its entry here).
+_INVERSES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    SAME: np.asarray,
+    NORM: np.asarray,
+    TABLE: lambda value: value[None],
+    # [in, P, out] -> [P*out, in] (bias [P, out] -> [P*out])
+    **{t: lambda value: np.ascontiguousarray(np.moveaxis(value, (-2, -1), (0, 1)).reshape(-1, *value.shape[:-2]))
+       for t in _PARTS},
+    **{t: _transposed(tuple(int(i) for i in np.argsort(perm))) for t, perm in _TRANSPOSES.items()},
+}
 
 _HEAD = r"(?:head|depth_head)"
 _TEMPORAL = _HEAD + r"\.motion_modules\.(\d)\.temporal_transformer\."
@@ -117,28 +135,58 @@ def transform_value(value: np.ndarray, transform: str) -> np.ndarray:
     return value
 
 
-def _official_name(path: str, head: str = "head") -> str:
-    """The official key that fills our ``path`` (``head`` or ``depth_head`` naming), else ``path`` itself.
+def inverse_value(value: np.ndarray, transform: str) -> np.ndarray:
+    """Our array -> the official tensor: ``transform_value``'s inverse."""
+    return _INVERSES[transform](value)
 
-    Inverts the rules by search: each capture group of a rule is tried with the runs of
-    ``path``'s dotted parts and its numbers (also one higher, for 1-based names) that it matches,
-    and a candidate counts only if ``target_of`` maps it back to ``path``.
+
+# Our module paths -> official ones (regex, replacement); the first match applies. The forward
+# map stays the reference: `official_key` checks that it maps the result back.
+_OFFICIAL_BLOCK0 = r"head.motion_modules.\1.temporal_transformer.transformer_blocks.0."
+_OFFICIAL_NAMES: list[tuple[str, str | Callable[[re.Match], str]]] = [
+    (r"encoder\.patch_embed\.", "pretrained.patch_embed.proj."),
+    (r"encoder\.", "pretrained."),
+    (r"head\.layer_rn\.(\d)\.", lambda m: f"head.scratch.layer{int(m.group(1)) + 1}_rn."),
+    (r"head\.refinenets\.(\d)\.res_unit", lambda m: f"head.scratch.refinenet{int(m.group(1)) + 1}.resConfUnit"),
+    (r"head\.refinenets\.(\d)\.", lambda m: f"head.scratch.refinenet{int(m.group(1)) + 1}."),
+    (r"head\.output_conv1\.", "head.scratch.output_conv1."),
+    (r"head\.output_conv2\.", "head.scratch.output_conv2.0."),
+    (r"head\.output_conv3\.", "head.scratch.output_conv2.2."),
+    (r"head\.temporal\.(\d)\.(norm|proj_in|proj_out)\.", r"head.motion_modules.\1.temporal_transformer.\2."),
+    (r"head\.temporal\.(\d)\.attention_blocks\.(\d)\.to_out\.", _OFFICIAL_BLOCK0 + r"attention_blocks.\2.to_out.0."),
+    (r"head\.temporal\.(\d)\.attention_blocks\.(\d)\.pe$", _OFFICIAL_BLOCK0 + r"attention_blocks.\2.pos_encoder.pe"),
+    (r"head\.temporal\.(\d)\.ff\.proj\.", _OFFICIAL_BLOCK0 + "ff.net.0.proj."),
+    (r"head\.temporal\.(\d)\.ff\.out\.", _OFFICIAL_BLOCK0 + "ff.net.2."),
+    (r"head\.temporal\.(\d)\.", _OFFICIAL_BLOCK0),
+]
+_OFFICIAL_COMPILED = [(re.compile(pattern), name) for pattern, name in _OFFICIAL_NAMES]
+
+
+def official_key(path: str) -> tuple[str, str]:
+    """Our dotted path -> ``(official key, transform)``: the inverse of ``target_of``.
+
+    Raises:
+      KeyError if the path has no official counterpart.
     """
-    parts = path.split(".")
-    spans = {".".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
-    numbers = re.findall(r"\d+", path)
-    spans |= {*numbers, *(str(int(n) + 1) for n in numbers)}
-    for pattern, _, _ in _RULES:
-        pieces = re.split(r"(\((?!\?)[^()]*\))", pattern.replace(_HEAD, head).rstrip("$"))
-        literal = [p.replace("\\.", ".") for p in pieces[::2]]
-        options = [[v for v in spans if re.fullmatch(group[1:-1], v)] for group in pieces[1::2]]
-        for values in itertools.product(*options):
-            stem = "".join(x for pair in itertools.zip_longest(literal, values, fillvalue="") for x in pair)
-            for key in (stem, f"{stem}.weight", f"{stem}.bias"):
-                found = target_of(key)
-                if found is not None and found[0] == path:
-                    return key
-    return path
+    key = path
+    for pattern, name in _OFFICIAL_COMPILED:
+        if pattern.match(path):
+            key = pattern.sub(name, path, count=1)
+            break
+    key = re.sub(r"\.(kernel|scale)$", ".weight", key)
+    found = target_of(key)
+    if found is None or found[0] != path:
+        raise KeyError(f"{path} has no key in the official layout")
+    return key, found[1]
+
+
+def _official_name(path: str, head: str) -> str:
+    """The official key of our ``path`` with the checkpoint's head naming, else ``path`` itself."""
+    try:
+        key = official_key(path)[0]
+    except KeyError:
+        return path
+    return f"{head}.{key[len('head.'):]}" if key.startswith("head.") else key
 
 
 class KeyMismatchError(ValueError):

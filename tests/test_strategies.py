@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vda_jax.config import ModelConfig
+from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from vda_jax.eval import strategies
 from vda_jax.inference.video import infer_video_depth
-from vda_jax.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 28  # frames of SIZE x SIZE at input_size SIZE: a 2x2 patch grid, no resize
 CONTENT = 0.5

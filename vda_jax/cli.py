@@ -92,6 +92,36 @@ def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_checkpoint_to_model)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from vda_jax.export.exporter import ExportOptions, export_checkpoint
+
+    options = ExportOptions(format=args.format, frames=args.frames, height=args.height, width=args.width,
+                            precision=args.precision, streaming=args.streaming)
+    metadata = export_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+    print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {os.path.splitext(args.output)[0]}.json)"
+                                    if metadata else ""))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX, StableHLO or the official PyTorch layout",
+                       description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.json "
+                                   "describing its inputs, outputs and preprocessing) or an official "
+                                   "checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
+    p.add_argument("checkpoint", help="model directory (from `vda-jax convert` or training)")
+    p.add_argument("output", help="file to write: .onnx, .stablehlo, .pth or .safetensors")
+    p.add_argument("--format", choices=("onnx", "stablehlo", "official"), default="onnx")
+    p.add_argument("--frames", type=_positive_int, default=32, help="clip length T of the clip model")
+    p.add_argument("--height", type=_positive_int, help="network input height, a multiple of 14 "
+                                                        "(default: the checkpoint's input size)")
+    p.add_argument("--width", type=_positive_int, help="network input width, a multiple of 14")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="compute precision (ONNX: fp32 only; build fp16 engines from it)")
+    p.add_argument("--streaming", action="store_true",
+                   help="one frame in, depth out, with the temporal caches as explicit inputs and outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.set_defaults(handler=_export)
+
+
 def _infer(args: argparse.Namespace) -> int:
     import jax
 
@@ -107,9 +137,17 @@ def _infer(args: argparse.Namespace) -> int:
     sources = expand_inputs(args.inputs + ([SAMPLE_VIDEO] if args.sample else []))
     if not sources:
         raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
+    if args.onnx and args.checkpoint:
+        raise ValueError("give --checkpoint or --onnx, not both")
     maybe_initialize_distributed()  # several processes split the inputs, each on its own devices
     _enable_compilation_cache()
-    model, input_size = _load_model(args.checkpoint)
+    if args.onnx:
+        from vda_jax.runtime.model import ExportedModel
+
+        model = ExportedModel(args.onnx)
+        input_size = model.meta["input_size"]
+    else:
+        model, input_size = _load_model(args.checkpoint)
     read = files.ReadOptions(max_res=args.max_res, max_len=args.max_len, target_fps=args.target_fps)
     share = (jax.process_index(), jax.process_count())
     report = files.infer_files(model, sources, options, read, input_size=args.input_size or input_size,
@@ -134,6 +172,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
                                              "printf patterns such as frames/%%05d.png")
     p.add_argument("--sample", action="store_true", help="also process the bundled sample video")
     p.add_argument("--checkpoint", help="model directory from `vda-jax convert` (default: the bundled demo model)")
+    p.add_argument("--onnx", metavar="MODEL.onnx", help="run a model from `vda-jax export` in onnxruntime instead "
+                                                        "(its network size must fit the videos)")
     p.add_argument("--output-dir", default="./outputs")
     p.add_argument("--input-size", type=_positive_int,
                    help="network input short side (default: the checkpoint's, else 518)")
@@ -247,7 +287,7 @@ def _load_model(checkpoint: str | None):
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label]
+    _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,10 @@ _ENCODERS: dict[str, dict[str, Any]] = {
 }
 ENCODERS = tuple(_ENCODERS)
 
+# The encoder's input: RGB in [0, 1] normalised by ImageNet's per-channel statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -34,6 +34,7 @@ from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
 from vda_jax.io.video import VideoInfo, VideoWriter, encoded_shape, probe, read_frames, source_name
 from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.runtime.model import ExportedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +204,8 @@ def _remove_stale(output_dir: str, name: str) -> None:
                     os.remove(path)
 
 
-def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
-                input_size: int = 518, precision: str | None = None, batch_size: int = 1,
+def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
+                read: ReadOptions, *, input_size: int = 518, precision: str | None = None, batch_size: int = 1,
                 streaming: bool = False, progress: bool = True, share: tuple[int, int] = (0, 1),
                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Report:
     """Writes depth outputs for this process's share of ``sources``.
@@ -220,7 +221,7 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
     if duplicates:
         raise ValueError(f"several inputs would write {duplicates[0]}_src.mp4; process them into different "
                          "--output-dir")
-    if options.save_ply and not model.config.metric:
+    if options.save_ply and not (model.metric if isinstance(model, ExportedModel) else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
     check_options(options)
     created = not os.path.isdir(options.output_dir)
@@ -235,8 +236,8 @@ def infer_files(model: VideoDepthAnything, sources: list[str], options: OutputOp
                 os.rmdir(options.output_dir)
 
 
-def _infer_share(model: VideoDepthAnything, sources: list[str], options: OutputOptions, read: ReadOptions, *,
-                 input_size: int, precision: str | None, batch_size: int, streaming: bool, progress: bool,
+def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
+                 read: ReadOptions, *, input_size: int, precision: str | None, batch_size: int, streaming: bool, progress: bool,
                  log: Callable[[str], None]) -> Report:
     report = Report()
     infos: dict[tuple[int, int], list[VideoInfo]] = collections.defaultdict(list)
@@ -283,7 +284,7 @@ def _infer_share(model: VideoDepthAnything, sources: list[str], options: OutputO
 
     try:
         for frame_size, group in infos.items():
-            if streaming:
+            if streaming or isinstance(model, ExportedModel):  # onnxruntime runs one video at a time
                 for job in jobs(group):
                     _stream_job(model, job, input_size, precision, bar.update, on_error)
             else:
@@ -299,14 +300,19 @@ def _infer_share(model: VideoDepthAnything, sources: list[str], options: OutputO
     return report
 
 
-def _stream_job(model: VideoDepthAnything, job: VideoJob, input_size: int, precision: str | None,
+def _stream_job(model: VideoDepthAnything | ExportedModel, job: VideoJob, input_size: int, precision: str | None,
                 on_frames: Callable[[int], None], on_error: Callable[[VideoJob, Exception], None]) -> None:
+    """One video through the streaming mode, or through an exported model (``[n, H, W]`` chunks)."""
     from vda_jax.inference.stream import stream_depth
 
+    if isinstance(model, ExportedModel):
+        depths = model.depth(job.frames, input_size)
+    else:
+        depths = (d[None] for d in stream_depth(model, job.frames, input_size=input_size, precision=precision))
     try:
-        for depth in stream_depth(model, job.frames, input_size=input_size, precision=precision):
-            job.sink.write(depth[None])
-            on_frames(1)
+        for depth in depths:
+            job.sink.write(depth)
+            on_frames(len(depth))
     except (ValueError, OSError) as e:
         on_error(job, e)
         return

@@ -26,23 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from vda_jax.inference.preprocess import preprocess
+from vda_jax.inference.schedule import (  # noqa: F401 (re-exported: the schedule is part of this module's API)
+    ALIGN_FRAMES,
+    FINAL_END,
+    INTERP_FRAMES,
+    KEYFRAMES,
+    OVERLAP_FRAMES,
+    STRIDE,
+    WINDOW_FRAMES,
+    blend_weights,
+    num_windows,
+)
 from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.align import scale_and_shift
 from vda_jax.ops.resize import resize_bilinear_align_corners
-
-WINDOW_FRAMES = 32
-OVERLAP_FRAMES = 10
-STRIDE = WINDOW_FRAMES - OVERLAP_FRAMES  # 22 new frames per window
-KEYFRAMES = (0, 12, 24, 25, 26, 27, 28, 29, 30, 31)
-INTERP_FRAMES = 8
-ALIGN_FRAMES = OVERLAP_FRAMES - INTERP_FRAMES  # the 2 key frames the fit uses
-FINAL_END = WINDOW_FRAMES - INTERP_FRAMES  # 24: frames [ALIGN_FRAMES, FINAL_END) are final after a step
-
-
-def blend_weights(frames: int = INTERP_FRAMES) -> np.ndarray:
-    """Weights of the newer window in the overlap blend: ``i / (frames - 1)``, float32 ``[frames]``."""
-    return (np.arange(frames) * (1.0 / (frames - 1))).astype(np.float32)
 
 
 class WindowState(NamedTuple):
@@ -133,9 +131,3 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
     final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)
     key_features = tuple(f[:, np.asarray(KEYFRAMES)] for f in features)
     return WindowState(key_features, reference, pending), WindowOutput(final, aligned[:, :ALIGN_FRAMES], pending)
-
-
-def num_windows(num_frames: int) -> int:
-    """Windows the official pipeline runs for a video of ``num_frames``: one per started 22 frames."""
-    return -(-num_frames // STRIDE)
-

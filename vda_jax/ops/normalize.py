@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def standardize(x: jax.Array) -> jax.Array:

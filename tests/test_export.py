@@ -1,0 +1,177 @@
+"""Deployment export: the official layout round trip, ONNX and StableHLO artefacts, and the JAX-free runtime."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from vda_jax.convert.readers import read_checkpoint
+
+from vda_jax import cli
+from vda_jax.export.exporter import ExportOptions, checkpoint_hash, export_checkpoint
+from vda_jax.inference import stream
+from vda_jax.runtime.model import ExportedModel
+from vda_jax.runtime.preprocess import preprocess, resize_depth
+
+CASES = {"n75_72x96_s70": "clip70", "n20_72x96_s70": "clip70", "n54_64x64_s56": "clip56"}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_official_round_trip_is_bit_identical(tiny_model_dir, fixtures, tmp_path, suffix):
+    out = tmp_path / f"back{suffix}"
+    assert cli.main(["export", str(tiny_model_dir), str(out), "--format", "official"]) == 0
+    original, back = read_checkpoint(fixtures / "tiny.pth"), read_checkpoint(out)
+    assert sorted(back) == sorted(original)
+    for key, value in original.items():
+        assert (back[key].dtype, back[key].shape) == (value.dtype, value.shape), key
+        assert back[key].tobytes() == value.tobytes(), key
+    if suffix == ".safetensors":  # the reference reader agrees
+        reference = safetensors.numpy.load_file(out)
+        assert all(reference[k].tobytes() == v.tobytes() for k, v in original.items())
+    else:  # storages are 64-byte aligned, as torch writes them (for memory-mapped loading)
+        raw = out.read_bytes()
+        for info in zipfile.ZipFile(out).infolist():
+            name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+            assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+
+
+def test_export_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
+    cases = [
+        (["--height", "60", "--width", "98"], "--height 60 must be a positive multiple of 14"),
+        (["--height", "70"], "give both --height and --width"),
+        (["--format", "official", "--streaming"], "official writes the float32 parameters only"),
+        (["--precision", "fp16"], "ONNX export is float32 only"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / ("m.pth" if "official" in flags else "m.onnx")
+        assert cli.main(["export", str(tiny_model_dir), str(out), *flags]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not os.listdir(tmp_path)
+    assert cli.main(["export", str(tiny_model_dir), str(tmp_path / "m.bin"), "--format", "official"]) == 1
+    assert "end in .pth or .safetensors" in capsys.readouterr().err and not os.listdir(tmp_path)
+    (tmp_path / "m.stablehlo").write_bytes(b"")
+    assert cli.main(["export", str(tiny_model_dir), str(tmp_path / "m.stablehlo"), "--format", "stablehlo"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_stablehlo_clip_matches_official_forward_with_dynamic_batch(tiny_model_dir, fixtures, tmp_path):
+    recorded = np.load(fixtures / "tiny_forward.npz")
+    x, expected = recorded["x"].transpose(0, 1, 3, 4, 2), recorded["depth"]  # [1, 6, 98, 126, 3], [1, 6, 98, 126]
+    out = str(tmp_path / "clip.stablehlo")
+    meta = export_checkpoint(str(tiny_model_dir), out, ExportOptions(format="stablehlo", frames=6, height=98,
+                                                                      width=126))
+    with open(tmp_path / "clip.json") as f:
+        assert json.load(f) == meta
+    assert meta["inputs"] == [{"name": "frames", "shape": ["batch", 6, 98, 126, 3], "dtype": "float32"}]
+    assert meta["outputs"] == [{"name": "depth", "shape": ["batch", 6, 98, 126], "dtype": "float32"}]
+    assert meta["depth"] == "relative" and meta["network_size"] == [98, 126] and meta["input_size"] == 98
+    assert meta["source_checkpoint"]["sha256"] == checkpoint_hash(str(tiny_model_dir))
+    with open(out, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    for batch in (x, np.concatenate([x, x])):
+        depth = np.asarray(exported.call(batch))
+        assert depth.shape == (len(batch), *expected.shape[1:])
+        assert np.abs(depth - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_stablehlo_stream_matches_official_stream(tiny_model_dir, fixtures, tmp_path):
+    recorded = np.load(fixtures / "tiny_stream.npz")
+    frames, expected = recorded["frames"][:6], recorded["depth"][:6]
+    out = str(tmp_path / "stream.stablehlo")
+    meta = export_checkpoint(str(tiny_model_dir), out, ExportOptions(format="stablehlo", height=70, width=98,
+                                                                      streaming=True))
+    assert [i["name"] for i in meta["inputs"]] == ["frame", "step", *(f"ring_{i}" for i in range(8))]
+    assert meta["inputs"][2]["shape"][:2] == [1, stream.RING_SLOTS]
+    with open(out, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    state = [np.zeros((), np.int32)] + [np.zeros(i["shape"], i["dtype"]) for i in meta["inputs"][2:]]
+    for frame, want in zip(frames, expected):
+        depth, *state = exported.call(preprocess(frame[None], (70, 98)), *state)
+        got = resize_depth(np.asarray(depth[0]), frame.shape[:2])
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert int(state[0]) == len(frames)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tiny_model_dir, tmp_path_factory):
+    """The tiny model exported to ONNX: clips at the fixtures' two network sizes and the streaming step."""
+    out = tmp_path_factory.mktemp("onnx")
+    paths = {"clip70": str(out / "clip70.onnx"), "clip56": str(out / "clip56.onnx"),
+             "stream70": str(out / "stream70.onnx")}
+    assert cli.main(["export", str(tiny_model_dir), paths["clip70"], "--height", "70", "--width", "98"]) == 0
+    export_checkpoint(str(tiny_model_dir), paths["clip56"], ExportOptions(height=56, width=56))
+    export_checkpoint(str(tiny_model_dir), paths["stream70"], ExportOptions(height=70, width=98, streaming=True))
+    return paths
+
+
+def test_onnx_clip_batch_is_dynamic(onnx_models):
+    model = ExportedModel(onnx_models["clip56"])
+    frames = np.random.default_rng(0).normal(size=(2, 32, 56, 56, 3)).astype(np.float32)
+    (both,) = model(frames)
+    assert both.shape == (2, 32, 56, 56)
+    for i in range(2):
+        np.testing.assert_allclose(both[i:i + 1], model(frames[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+_JAX_FREE_RUN = textwrap.dedent("""
+    import json, sys
+
+    class NoJax:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("jax", "jaxlib", "flax"):
+                raise ImportError(f"the runtime imported {name}")
+
+    sys.meta_path.insert(0, NoJax())
+    import numpy as np
+    from vda_jax.runtime.model import infer_video_depth
+
+    errors = {}
+    for case, path, fixture, key in json.loads(sys.argv[1]):
+        ref = np.load(fixture)
+        size = int(ref[f"{key}input_size"])
+        depth, expected = infer_video_depth(path, ref[f"{key}frames"], size), ref[f"{key}depth"]
+        assert depth.shape == expected.shape and depth.dtype == np.float32, (depth.shape, depth.dtype)
+        errors[case] = float(np.abs(depth - expected).max() / np.abs(expected).max())
+    print(json.dumps(errors))
+""")
+
+
+def test_runtime_reproduces_the_official_pipelines_without_jax(onnx_models, fixtures):
+    runs = [(case, onnx_models[model], str(fixtures / "tiny_video.npz"), f"{case}_") for case, model in CASES.items()]
+    runs.append(("stream", onnx_models["stream70"], str(fixtures / "tiny_stream.npz"), ""))
+    result = subprocess.run([sys.executable, "-c", _JAX_FREE_RUN, json.dumps(runs)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = json.loads(result.stdout.splitlines()[-1])
+    assert sorted(errors) == sorted([*CASES, "stream"])
+    assert all(e <= 1e-4 for e in errors.values()), errors
+
+
+def test_runtime_refuses_frames_of_another_network_size(onnx_models):
+    model = ExportedModel(onnx_models["clip56"])
+    frames = np.zeros((3, 72, 96, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"need a 70x98 network input.*exported for 56x56.*--height 70 --width 98"):
+        next(model.depth(frames, 70))
+
+
+def test_infer_with_onnx_writes_the_official_depths(onnx_models, fixtures, tmp_path):
+    ref = np.load(fixtures / "tiny_video.npz")
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(ref["n20_72x96_s70_frames"]):
+        iio.imwrite(folder / f"{i:03d}.png", frame)
+    out = tmp_path / "out"
+    assert cli.main(["infer", str(folder), "--onnx", onnx_models["clip70"], "--output-dir", str(out), "--save-npz",
+                     "--quiet"]) == 0
+    depth, expected = np.load(out / "clip_depths.npz")["depths"], ref["n20_72x96_s70_depth"]
+    assert depth.shape == expected.shape
+    assert np.abs(depth - expected).max() <= 1e-4 * np.abs(expected).max()

@@ -1,0 +1,1 @@
+"""Deployment export: ONNX and StableHLO artefacts, and the official PyTorch checkpoint layout."""

@@ -1,0 +1,192 @@
+"""``vda-jax export``: a model directory -> an ONNX or StableHLO artefact (+ JSON), or an official checkpoint.
+
+Beside ``OUT.onnx`` / ``OUT.stablehlo`` goes ``OUT.json``, everything a runtime
+needs besides the graph: input and output names, shapes and dtypes, the network
+input size, the normalisation, relative or metric depth and the source
+checkpoint's hash. Files appear atomically: a failed export leaves nothing.
+
+StableHLO calling convention: ``jax.export.deserialize(bytearray(data))`` gives an
+``Exported`` whose ``.call(*inputs)`` takes the inputs in the JSON's order (the
+clip: ``frames``; the stream: ``frame, step, ring_0 .. ring_7``) and returns the
+outputs in its order; the parameters are constants inside the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vda_jax.checkpoint import load_checkpoint, read_config
+from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from vda_jax.export import graphs
+from vda_jax.export.official import write_official
+from vda_jax.inference import schedule, sizing, stream
+from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+
+FORMATS = ("onnx", "stablehlo", "official")
+PRECISIONS = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+EXPORT_FORMAT = "vda-jax-export"
+EXPORT_VERSION = 1
+_SUFFIXES = {"onnx": ".onnx", "stablehlo": ".stablehlo"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What ``vda-jax export`` writes (see its ``--help``)."""
+
+    format: str = "onnx"
+    frames: int = schedule.WINDOW_FRAMES
+    height: int | None = None
+    width: int | None = None
+    precision: str = "fp32"
+    streaming: bool = False
+
+    def check(self, config_frames: int) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if (self.height is None) != (self.width is None):
+            raise ValueError("give both --height and --width (or neither, for a square input)")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size is not None and (size < sizing.MULTIPLE or size % sizing.MULTIPLE):
+                raise ValueError(f"--{name} {size} must be a positive multiple of {sizing.MULTIPLE}")
+        if self.format == "onnx" and self.precision != "fp32":
+            # jax2onnx 0.17.1's Flax layer plugins ignore the layers' compute dtype and mix float16 and float32.
+            raise ValueError(f"ONNX export is float32 only; build a {self.precision} engine from it "
+                             "(trtexec --fp16) or use --format stablehlo")
+        if self.format == "official" and (self.streaming or self.precision != "fp32" or self.height):
+            raise ValueError("--format official writes the float32 parameters only; drop --streaming, "
+                             "--precision, --height and --width")
+        if not 1 <= self.frames <= config_frames:
+            raise ValueError(f"--frames {self.frames} must be between 1 and the model's {config_frames}")
+
+
+def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Exports a model directory; returns the metadata written beside it (empty for ``official``)."""
+    config, info = read_config(checkpoint)
+    options.check(config.num_frames)
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} already exists; choose another name or pass --overwrite")
+    model = load_checkpoint(checkpoint)
+    if options.format == "official":
+        with _atomic(output) as tmp:
+            write_official(model, tmp)
+        return {}
+    if not output.endswith(_SUFFIXES[options.format]):
+        raise ValueError(f"{options.format} output must end in {_SUFFIXES[options.format]}, got {output}")
+    input_size = int(info.get("input_size", 518))
+    net_size = (options.height, options.width) if options.height else (input_size,) * 2
+    model = with_compute_dtype(model, PRECISIONS[options.precision])
+    if options.streaming:
+        fn, specs = graphs.stream_function(model, net_size), graphs.stream_specs(model, net_size)
+        names = ("frame", "step", *(f"ring_{i}" for i in range(len(specs) - 2)))
+        out_names = ("depth", "next_step", *(f"next_{n}" for n in names[2:]))
+    else:
+        fn = graphs.clip_function(model)
+        specs = (jax.ShapeDtypeStruct((1, options.frames, *net_size, 3), jnp.float32),)
+        names, out_names = ("frames",), ("depth",)
+    outputs = jax.eval_shape(fn, *specs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    metadata = _metadata(model, checkpoint, options, net_size, zip(names, specs), zip(out_names, outputs))
+    json_path = os.path.splitext(output)[0] + ".json"
+    with _atomic(output) as tmp, _atomic(json_path) as tmp_json:
+        if options.format == "onnx":
+            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=tmp)
+        else:
+            _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=tmp)
+        with open(tmp_json, "w") as f:
+            json.dump(metadata, f, indent=2)
+    return metadata
+
+
+def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str) -> None:
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise ValueError(f"ONNX export needs jax2onnx ({e}); install it with pip install 'vda-jax[onnx]'") from e
+    inputs = [("B", *s.shape[1:]) if dynamic_batch and i == 0 else s for i, s in enumerate(specs)]
+    to_onnx(fn, inputs, model_name="video_depth_anything", input_names=list(names), output_names=list(out_names),
+            return_mode="file", output_path=path)
+
+
+def _write_stablehlo(fn, specs, *, dynamic_batch: bool, path: str) -> None:
+    if dynamic_batch:
+        (batch,) = jax.export.symbolic_shape("B")
+        specs = (jax.ShapeDtypeStruct((batch, *specs[0].shape[1:]), specs[0].dtype), *specs[1:])
+    exported = jax.export.export(fn)(*specs)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+
+
+def _metadata(model: VideoDepthAnything, checkpoint: str, options: ExportOptions, net_size: tuple[int, int],
+              inputs, outputs) -> dict[str, Any]:
+    def spec(name, s, batch):
+        shape = ["batch" if batch and i == 0 else int(d) for i, d in enumerate(s.shape)]
+        return {"name": name, "shape": shape, "dtype": np.dtype(s.dtype).name}
+
+    batch = not options.streaming
+    meta = {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "artifact": options.format,
+        "kind": "stream" if options.streaming else "clip",
+        "inputs": [spec(n, s, batch) for n, s in inputs], "outputs": [spec(n, s, batch) for n, s in outputs],
+        "network_size": list(net_size), "input_size": min(net_size), "patch_size": model.config.patch_size,
+        "normalisation": {"layout": "RGB, channels last", "scale": 1 / 255,
+                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "depth": "metric" if model.config.metric else "relative",
+        "precision": options.precision, "encoder": model.config.name,
+        "source_checkpoint": {"path": os.path.abspath(checkpoint), "sha256": checkpoint_hash(checkpoint)},
+    }
+    if options.streaming:
+        meta["stream"] = {"ring_slots": stream.RING_SLOTS, "key_gap": stream.KEY_GAP,
+                          "context_frames": stream.CONTEXT_FRAMES}
+    else:
+        meta["window"] = {"frames": options.frames, "overlap": schedule.OVERLAP_FRAMES,
+                          "keyframes": list(schedule.KEYFRAMES), "interpolation": schedule.INTERP_FRAMES}
+    return meta
+
+
+def checkpoint_hash(path: str) -> str:
+    """SHA-256 over a model directory's files (relative names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+class _atomic:
+    """A temporary file next to ``path`` that replaces it only if the block succeeds."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def __enter__(self) -> str:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.tmp-",
+                                        suffix=os.path.splitext(self.path)[1], dir=os.path.dirname(self.path))
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's files are private
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
