@@ -237,8 +237,8 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
 
 
 def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
-                 read: ReadOptions, *, input_size: int, precision: str | None, batch_size: int, streaming: bool, progress: bool,
-                 log: Callable[[str], None]) -> Report:
+                 read: ReadOptions, *, input_size: int, precision: str | None, batch_size: int, streaming: bool,
+                 progress: bool, log: Callable[[str], None]) -> Report:
     report = Report()
     infos: dict[tuple[int, int], list[VideoInfo]] = collections.defaultdict(list)
     for source in sources:
