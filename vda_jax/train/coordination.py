@@ -28,7 +28,17 @@ from jax.experimental import multihost_utils
 
 _FAILURE_KEY = "vda_jax/failure"
 _POLL_MS = 1000
-_GRACE_S = 2.0  # lets the other processes read the failure before this one (maybe the coordinator) exits
+# Process 0 hosts the coordination service: it leaves last, so that the others read the failure
+# and exit with their own message rather than on a lost connection.
+_COORDINATOR_GRACE_S = 2.0
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if jax.process_index() == 0:
+        time.sleep(_COORDINATOR_GRACE_S)
+    os._exit(code)  # skips JAX's shutdown barrier, which the other processes never reach
 
 
 class Interrupted(Exception):
@@ -107,7 +117,7 @@ def fail_together() -> Iterator[None]:
                 continue
             if not done.is_set():
                 print(f"vda-jax: process {jax.process_index()} stops: {cause}", file=sys.stderr, flush=True)
-                os._exit(1)
+                _exit(1)
 
     watcher = threading.Thread(target=watch, name="vda-jax-failure-watch", daemon=True)
     watcher.start()
@@ -123,8 +133,7 @@ def fail_together() -> Iterator[None]:
         print(f"vda-jax: {cause}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):  # another process may have published first
             client.key_value_set(_FAILURE_KEY, cause)
-        time.sleep(_GRACE_S)
-        os._exit(1)  # skips JAX's shutdown barrier, which the other processes never reach
+        _exit(1)
     finally:
         done.set()
         watcher.join()  # a thread left blocked in the client aborts the interpreter at exit
