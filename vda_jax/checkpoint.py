@@ -55,11 +55,9 @@ def count_params(model_or_state: nnx.Module | nnx.State) -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory that replaces ``path`` only if the block succeeds."""
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yields a temporary directory that replaces ``path`` (see ``check_model_output``) if the block succeeds."""
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -73,8 +71,15 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(path: str) -> None:
-    """Overwriting may delete ``path`` only if it is a vda-jax model directory (or empty)."""
+def check_model_output(path: str, *, overwrite: bool = False) -> None:
+    """Raises ``FileExistsError`` unless ``save_model(..., path, overwrite=overwrite)`` may write there.
+
+    Overwriting replaces only a vda-jax model directory (or an empty one), never other files.
+    """
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     if not os.path.isdir(path) or os.path.islink(path):
         raise FileExistsError(f"{path} exists and is not a directory; remove it or choose another output directory")
     if not os.listdir(path):
@@ -92,10 +97,9 @@ def _check_replaceable(path: str) -> None:
 def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any] | None = None,
                overwrite: bool = False) -> None:
     """Writes ``model`` (its config and all variables) to the directory ``path``, atomically."""
+    check_model_output(path, overwrite=overwrite)
     state = nnx.state(model)
-    if overwrite and os.path.lexists(path):
-        _check_replaceable(path)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
             checkpointer.wait_until_finished()
