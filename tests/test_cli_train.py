@@ -76,7 +76,7 @@ def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, 
     (tmp_path / "broken.png").write_bytes(b"not a png")
     out = tmp_path.parent / f"{tmp_path.name}-labels"
     args = ["pseudo-label", str(tmp_path), "--output", str(out), "--checkpoint", str(tiny_model_dir),
-            "--input-size", "28", "--quiet"]
+            "--input-size", "28", "--batch-size", "2", "--quiet"]  # the shapes of test_pseudo_label
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vda-jax pseudo-label: error: labelled 2 image(s), but 1 could not be read: ")
