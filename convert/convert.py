@@ -11,7 +11,7 @@ from flax import nnx
 from vda_jax.convert.keymap import plan_conversion, transform_value
 from vda_jax.convert.readers import read_checkpoint
 
-from vda_jax.checkpoint import abstract_model, flat_shapes, save_model
+from vda_jax.checkpoint import abstract_model, check_model_output, flat_shapes, save_model
 from vda_jax.config import ENCODERS, ModelConfig, config_from_json, model_config
 from vda_jax.models.dpt import DPTHead
 from vda_jax.models.vda import VideoDepthAnything
@@ -65,6 +65,7 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], config: ModelConfig, *
 def convert_checkpoint(source: str, output_dir: str, *, encoder: str | None = None, metric: bool = False,
                        config_path: str | None = None, overwrite: bool = False) -> ModelConfig:
     """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory."""
+    check_model_output(output_dir, overwrite=overwrite)  # before the work
     tensors = read_checkpoint(source)
     if config_path is not None:
         config = config_from_json(config_path)

@@ -16,7 +16,7 @@ from vda_jax.convert.keymap import KeyMismatchError, plan_conversion
 from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax import cli
-from vda_jax.checkpoint import flat_shapes, load_checkpoint
+from vda_jax.checkpoint import check_model_output, flat_shapes, load_checkpoint
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.train.config import load_config, model_config_from, resume_changes
@@ -59,12 +59,14 @@ def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, c
     (tmp_path / "file").write_text("x")
     assert cli.main([*args, str(tmp_path / "file")]) == 1
     assert "is not a directory" in capsys.readouterr().err
-    # A model directory, or an empty one, is replaced.
+    # An empty directory may be replaced, and a model directory (here an old, stale one) is.
     (tmp_path / "empty").mkdir()
-    assert cli.main([*args, str(tmp_path / "empty")]) == 0
-    assert cli.main([*args, str(tmp_path / "empty")]) == 0
-    load_checkpoint(str(tmp_path / "empty"))
-    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "notes"]
+    check_model_output(str(tmp_path / "empty"), overwrite=True)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"format": "vda-jax", "version": 1}')
+    assert cli.main([*args, str(tmp_path / "model")]) == 0
+    load_checkpoint(str(tmp_path / "model"))
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "model", "notes"]
 
 
 def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, tiny_model_dir, capsys):
@@ -74,7 +76,7 @@ def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, 
     (tmp_path / "broken.png").write_bytes(b"not a png")
     out = tmp_path.parent / f"{tmp_path.name}-labels"
     args = ["pseudo-label", str(tmp_path), "--output", str(out), "--checkpoint", str(tiny_model_dir),
-            "--input-size", "28", "--quiet"]
+            "--input-size", "28", "--batch-size", "2", "--quiet"]  # the shapes of test_pseudo_label
     assert cli.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("vda-jax pseudo-label: error: labelled 2 image(s), but 1 could not be read: ")

@@ -60,15 +60,13 @@ def count_params(model_or_state: nnx.Module | nnx.State) -> int:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory that replaces ``path`` only if the block succeeds.
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yields a temporary directory that replaces ``path`` (see ``check_model_output``) if the block succeeds.
 
     In a multi-process job every process must enter it (all write into one temporary
     directory on a shared file system); process 0 creates and renames it.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     parent = os.path.dirname(path)
     primary, multi_process = jax.process_index() == 0, jax.process_count() > 1
     if multi_process:
@@ -96,8 +94,15 @@ def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_replaceable(path: str) -> None:
-    """Overwriting may delete ``path`` only if it is a vda-jax model directory (or empty)."""
+def check_model_output(path: str, *, overwrite: bool = False) -> None:
+    """Raises ``FileExistsError`` unless ``save_model(..., path, overwrite=overwrite)`` may write there.
+
+    Overwriting replaces only a vda-jax model directory (or an empty one), never other files.
+    """
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
     if not os.path.isdir(path) or os.path.islink(path):
         raise FileExistsError(f"{path} exists and is not a directory; remove it or choose another output directory")
     if not os.listdir(path):
@@ -119,10 +124,9 @@ def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any]
     The variables may be sharded over the processes of a multi-process job; then every process
     calls this, each writing its shards.
     """
+    check_model_output(path, overwrite=overwrite)
     state = nnx.state(model)
-    if overwrite and os.path.lexists(path):
-        _check_replaceable(path)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
             checkpointer.wait_until_finished()
