@@ -116,3 +116,23 @@ def test_image_loss_takes_single_frames_and_video_loss_refuses_them():
         jax.jit(losses.video_depth_loss)(pred, target, mask)
     with pytest.raises(ValueError, match="trim"):
         losses.trimmed_mae(pred, target, mask, trim=1.0)
+
+
+def test_per_group_loss_is_the_official_per_gpu_loss_and_sorts_on_each_device(golden):
+    """Two groups of one clip: each clip's official loss (its own trimming), averaged as DDP does."""
+    pred, target, mask = golden["pred"], golden["target"], golden["mask"]
+    loss = functools.partial(losses.video_depth_loss, trim=0.2)
+    per_gpu = [jax.jit(loss)(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]) for i in range(2)]
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    grouped = jax.jit(functools.partial(losses.per_group(losses.video_depth_loss, 2), trim=0.2))
+    args = [jax.device_put(a, split) for a in (pred, target, mask)]
+    got = grouped(*args)
+    for key in ("spatial", "stable", "total"):
+        np.testing.assert_allclose(got[key], (per_gpu[0][key] + per_gpu[1][key]) / 2, rtol=1e-6, err_msg=key)
+    # Unlike one group (the batch's residuals sorted together), nothing is gathered.
+    assert "all-gather" not in grouped.lower(*args).compile().as_text()
+    assert "all-gather" in jax.jit(functools.partial(loss)).lower(*args).compile().as_text()
+    assert losses.per_group(loss, 1) is loss
+    with pytest.raises(ValueError, match="clip_groups"):
+        losses.per_group(loss, 3)(pred, target, mask)

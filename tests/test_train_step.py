@@ -55,7 +55,8 @@ def reference(tiny_model, batch):
     ((8, 1, 1), StepOptions()),
     ((4, 2, 1), StepOptions()),
     ((2, 4, 1), StepOptions(remat="nothing_saveable")),  # rematerialising changes nothing either
-], ids=["8x1", "4x2", "2x4-remat"])
+    ((2, 2, 2), StepOptions()),  # tensor parallel: heads and MLP features split, FSDP gathered at use
+], ids=["8x1", "4x2", "2x4-remat", "2x2x2"])
 def test_sharded_step_matches_one_device(tiny_model, batch, reference, mesh_shape, options):
     _, expected, expected_metrics = reference
     _, updated, metrics = one_step(tiny_model, batch, mesh_shape, options)
@@ -98,15 +99,20 @@ def test_partition_spec_rules():
     assert sharding.partition_spec("opt.mu.encoder.blocks.0.mlp.fc2.kernel", (256, 64), mesh, rules) == \
         P("tensor", "fsdp")
     # Axes that do not divide a dimension are dropped; small arrays stay replicated.
-    assert sharding.partition_spec("head.temporal.0.ff.proj.bias", (2, 3), mesh, rules) == P(None, None)
+    assert sharding.partition_spec("head.temporal.0.ff.proj.bias", (2, 3), mesh, rules) == P("fsdp", None)
     # Fused projections split heads / features, never their parts (q/k/v, GEGLU value/gate).
     assert sharding.partition_spec("encoder.blocks.0.attn.qkv.kernel", (64, 3, 64), mesh, rules) == \
         P("fsdp", None, "tensor")
     assert sharding.partition_spec("head.conv.kernel", (3, 3, 64, 32), mesh, min_fsdp_size=10**5) == P(*[None] * 4)
     with pytest.raises(ValueError, match="needs 4 devices but there are 8"):
         sharding.make_mesh(2, 2, 1)
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(ValueError, match="multiple of 4, or split frames"):
         sharding.global_batch({"x": np.zeros((6, 2))}, sharding.make_mesh(4, 1, 2))
+    # Frames split over the devices: B*T must divide, not B.
+    frames = sharding.global_batch({"x": np.zeros((2, 4, 3))}, sharding.make_mesh(8, 1, 1), split_frames=True)
+    assert frames["x"].shape == (8, 3) and len(frames["x"].sharding.device_set) == 8
+    with pytest.raises(ValueError, match="6 frames .* batch size x frames per clip a multiple of 8"):
+        sharding.global_batch({"x": np.zeros((2, 3, 3))}, sharding.make_mesh(8, 1, 1), split_frames=True)
 
 
 def test_image_batches_use_the_spatial_loss_on_disparity():

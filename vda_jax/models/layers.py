@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vda_jax.models.partitioning import GatherAtUse, constrain
+from vda_jax.models.partitioning import GatherAtUse, gather
 
 Dtype = jnp.dtype | type
 
@@ -90,8 +90,8 @@ class FusedLinear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = constrain(self.kernel[...], (None, None, self.out_axis)).astype(self.dtype)
-        bias = constrain(self.bias[...], (None, self.out_axis)).astype(self.dtype)
+        kernel = gather(self.kernel[...], (None, None, self.out_axis)).astype(self.dtype)
+        bias = gather(self.bias[...], (None, self.out_axis)).astype(self.dtype)
         return jnp.einsum("...i,ipo->...po", x.astype(self.dtype), kernel) + bias
 
 
@@ -127,6 +127,6 @@ class UpConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, _ = x.shape
         k = self.factor
-        kernel = constrain(self.kernel[...], (None,) * 4).astype(self.dtype)
+        kernel = gather(self.kernel[...], (None,) * 4).astype(self.dtype)
         y = jnp.einsum("nhwc,klco->nhkwlo", x.astype(self.dtype), kernel)
-        return y.reshape(n, h * k, w * k, -1) + constrain(self.bias[...], (None,)).astype(self.dtype)
+        return y.reshape(n, h * k, w * k, -1) + gather(self.bias[...], (None,)).astype(self.dtype)

@@ -44,22 +44,36 @@ def _size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
     return size
 
 
-def constrain(x: jax.Array, names: Names) -> jax.Array:
-    """``x`` laid out as its axes' ``names`` map under the current ``axis_rules`` (no-op outside).
+def _spec(names: Names, shape: tuple[int, ...], even: bool) -> tuple[Mesh, P]:
+    mesh, rules = _context[-1]
+    if len(names) != len(shape):
+        raise ValueError(f"{len(names)} axis names {tuple(names)} for an array of shape {shape}")
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        axes = None if name is None else rules.get(name)
+        spec.append(None if axes is None or (even and dim % _size(mesh, axes)) else axes)
+    return mesh, P(*spec)
 
-    A mapped axis that does not divide its dimension stays replicated, as the placement
-    rules of the parameters do.
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Activation ``x`` laid out as its axes' ``names`` map under ``axis_rules`` (no-op outside).
+
+    A mapped axis need not divide its dimension (XLA pads the last shard).
     """
     if not _context:
         return x
-    mesh, rules = _context[-1]
-    if len(names) != x.ndim:
-        raise ValueError(f"{len(names)} axis names {tuple(names)} for an array of shape {x.shape}")
-    spec = []
-    for name, dim in zip(names, x.shape, strict=True):
-        axes = None if name is None else rules.get(name)
-        spec.append(axes if axes is not None and dim % _size(mesh, axes) == 0 else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(*_spec(names, x.shape, even=False)))
+
+
+def gather(x: jax.Array, names: Names) -> jax.Array:
+    """Parameter ``x`` at its use: on the mesh axes its ``names`` map to only (no-op outside ``axis_rules``).
+
+    As the placement rules of the parameters do, a mesh axis that does not divide its
+    dimension is dropped; every other axis (``fsdp``) is gathered.
+    """
+    if not _context:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(*_spec(names, x.shape, even=True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +90,6 @@ class GatherAtUse:
 
     def __call__(self, args, /, *, dtype=None, inexact=True):
         inputs, kernel, bias = args
-        kernel = constrain(kernel, self.kernel)
-        bias = None if bias is None else constrain(bias, self.bias)
+        kernel = gather(kernel, self.kernel)
+        bias = None if bias is None else gather(bias, self.bias)
         return dtypes.promote_dtype((inputs, kernel, bias), dtype=dtype, inexact=inexact)

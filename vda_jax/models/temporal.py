@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from vda_jax.models.layers import Buffer, Dtype, FusedLinear, gelu, layer_norm, linear
+from vda_jax.models.partitioning import constrain
 
 _GROUP_NORM_EPS = 1e-6
 _LAYER_NORM_EPS = 1e-5
@@ -54,6 +55,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def _by_position(x: jax.Array) -> jax.Array:
+    """``[B*T, S, D]`` from the per-frame layout to the temporal layers' (whole clips, or spatial
+    positions when a clip's frames are split over devices: then one all-to-all)."""
+    return constrain(constrain(x, ("frames", None, None)), ("clips", "space", None))
+
+
+def _by_frame(x: jax.Array) -> jax.Array:
+    """The inverse of ``_by_position``."""
+    return constrain(constrain(x, ("clips", "space", None)), ("frames", None, None))
 
 
 class TemporalAttention(nnx.Module):
@@ -135,13 +147,13 @@ class TemporalModule(nnx.Module):
           states ``[B, T, H*W, D]``.
         """
         b, t, h, w, c = x.shape
-        hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b, t, h * w, c)
-        hidden = self.proj_in(hidden)
+        hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b * t, h * w, c)
+        hidden = self.proj_in(_by_position(hidden).reshape(b, t, h * w, c))
         new_cache = []
         for i, (norm, attention) in enumerate(zip(self.norms, self.attention_blocks)):
             normed = norm(hidden)
             hidden = hidden + attention(normed, None if cache is None else cache[i])
             new_cache.append(normed)
         hidden = hidden + self.ff(self.ff_norm(hidden))
-        out = self.proj_out(hidden).reshape(b, t, h, w, c)
-        return x + out.astype(x.dtype), tuple(new_cache)
+        out = _by_frame(self.proj_out(hidden).reshape(b * t, h * w, c))
+        return x + out.reshape(x.shape).astype(x.dtype), tuple(new_cache)

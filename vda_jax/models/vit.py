@@ -10,7 +10,7 @@ from flax import nnx
 
 from vda_jax.config import ModelConfig
 from vda_jax.models.layers import Dtype, FusedLinear, attention, conv, gelu, layer_norm, linear
-from vda_jax.models.partitioning import constrain
+from vda_jax.models.partitioning import gather
 from vda_jax.ops.resize import resize_torch_bicubic_by_scale
 
 _LN_EPS = 1e-6
@@ -131,7 +131,7 @@ class DinoVisionTransformer(nnx.Module):
         x = self.patch_embed(images.astype(self.dtype)).reshape(n, ph * pw, -1)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        pos_embed = constrain(self.pos_embed[...], (None,) * 3)[0]  # gathered at use
+        pos_embed = gather(self.pos_embed[...], (None,) * 3)[0]  # gathered at use
         pos = interpolate_pos_embed(pos_embed, ph, pw, self.config.interpolate_offset)
         x = x + pos.astype(x.dtype)
         taken = set(self.config.intermediate_layers)

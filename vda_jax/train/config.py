@@ -63,6 +63,9 @@ def default_config() -> config_dict.ConfigDict:
         scales=4,  # its number of scales
         trim=0.0,  # fraction of the largest residuals dropped
         stable_scale=10.0,  # weight of the temporal gradient matching term
+        # Equal groups of clips whose losses are computed apart and averaged, as the official
+        # per-GPU loss; data x fsdp trims (sorts) on each device instead of over the batch.
+        clip_groups=1,
     ))
     # The input pipeline (vda_jax.data.pipeline.DataConfig without the batch sizes and seed,
     # which come from above).
@@ -94,6 +97,10 @@ def default_config() -> config_dict.ConfigDict:
     c.sharding = config_dict.ConfigDict(dict(
         # Arrays smaller than this stay replicated rather than fsdp-sharded.
         min_fsdp_size=2**14,
+        # Split each batch over data x fsdp by frame (batch_size x data.clip_frames must divide
+        # over them), not by clip (batch_size must): for more devices than clips. The temporal
+        # layers then split spatial positions, with one all-to-all each way.
+        split_frames=False,
         # (regex on the dotted variable path, mesh axis per dimension); first match wins.
         tensor_rules=TENSOR_RULES,
     ))

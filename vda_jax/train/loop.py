@@ -99,8 +99,11 @@ class Trainer:
                                        best_mode=config.checkpoint.best_mode)
         self._graphdef = self._restore_or_initialize(tx, dtype)
 
+        # With sharding.split_frames, batches are frames [B*T, ...] of clips of T frames (images: T = 1).
+        frames = {"video": self.data_config.clip_frames, "image": 1} if config.sharding.split_frames else {}
         options = {kind: StepOptions(train_encoder=config.train_encoder, remat=config.remat, metric_depth=metric,
-                                     **config.loss) for kind, metric in metric_depth.items()}
+                                     frames_per_clip=frames.get(kind, 0), **config.loss)
+                   for kind, metric in metric_depth.items()}
         self._train_steps = {kind: jit_train_step(self._graphdef, opts, self.shardings, self.mesh)
                              for kind, opts in options.items()}
         self._eval_step = jit_eval_step(self._graphdef, options["video"], self.shardings, self.mesh)
@@ -225,7 +228,8 @@ class Trainer:
             while self.step < until and not (stopped := signals.should_stop(self.step)):
                 batch = next(self.train_data)
                 kind = batch.pop("kind")
-                arrays = sharding.global_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh)
+                arrays = sharding.global_batch({k: batch[k] for k in BATCH_KEYS}, self.mesh,
+                                               split_frames=c.sharding.split_frames)
                 self.state, metrics = self._train_steps[kind](self.state, arrays)
                 self.step += 1
                 pending.append((self.step, c.batch_size if kind == "video" else c.image_batch_size, metrics))
@@ -272,8 +276,8 @@ class Trainer:
             if c.eval.max_batches and batches == c.eval.max_batches:
                 break
             batches += 1
-            pred, losses = self._eval_step(self.state, sharding.global_batch({k: batch[k] for k in BATCH_KEYS},
-                                                                             self.mesh))
+            pred, losses = self._eval_step(self.state, sharding.global_batch(
+                {k: batch[k] for k in BATCH_KEYS}, self.mesh, split_frames=c.sharding.split_frames))
             scores = {f"val_{k}": float(v) for k, v in jax.device_get(losses).items()}
             scores["val_loss"] = scores.pop("val_total")
             if metric:
@@ -290,7 +294,7 @@ class Trainer:
     def _depth_metrics(self, pred: jax.Array, batch: Mapping[str, np.ndarray], max_depth: float) -> dict[str, float]:
         """Mean AbsRel and delta1 over the clips of a global batch that have valid ground truth."""
         local = np.asarray(multihost_utils.global_array_to_host_local_array(
-            pred, self.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES)))
+            pred, self.mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))).reshape(np.shape(batch["depth"]))
         totals = np.zeros(3)  # abs_rel, delta1, clips
         for p, depth, mask in zip(local, batch["depth"], batch["mask"]):
             if mask.any():

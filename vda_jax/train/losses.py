@@ -15,6 +15,9 @@ are computed in float32 and are 0 where nothing is valid.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -270,3 +273,25 @@ def image_depth_loss(
         pred.reshape(b * t, h, w), target.reshape(b * t, h, w), mask.reshape(b * t, h, w),
         alpha=alpha, scales=scales, trim=trim)
     return {"spatial": spatial, "stable": jnp.zeros((), jnp.float32), "total": spatial}
+
+
+def per_group(loss: Callable[..., dict[str, jax.Array]], groups: int) -> Callable[..., dict[str, jax.Array]]:
+    """``loss(pred, target, mask, **kwargs)`` over ``[B, ...]`` as the official multi-GPU training has it.
+
+    The clips form ``groups`` equal consecutive groups (one GPU's batch each); each group's
+    loss is computed on its own, trimming its own residuals, and the terms are averaged over
+    the groups (DDP averages the GPUs' gradients). With the clip axis split over devices by
+    group, every sort stays on its device. ``groups = 1`` is ``loss`` itself.
+    """
+    if groups == 1:
+        return loss
+
+    def grouped(pred: jax.Array, target: jax.Array, mask: jax.Array, **kwargs) -> dict[str, jax.Array]:
+        if pred.shape[0] % groups:
+            raise ValueError(f"{pred.shape[0]} clips do not split into {groups} loss groups; make the batch size "
+                             "a multiple of loss.clip_groups")
+        split = lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:])  # noqa: E731
+        terms = jax.vmap(functools.partial(loss, **kwargs))(split(pred), split(target), split(mask))
+        return {k: jnp.mean(v) for k, v in terms.items()}
+
+    return grouped

@@ -44,8 +44,17 @@ TENSOR_RULES: tuple[Rule, ...] = (
 )
 
 # The layers' logical axis names (vda_jax.models.partitioning) -> mesh axes, for the steps'
-# traces: parameters are gathered at use to these axes only (FSDP shards never reach a matmul).
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {"heads": "tensor", "mlp": "tensor"}
+# traces. Parameters are gathered at use to "heads" / "mlp" only (FSDP shards never reach a
+# matmul); "frames" is the per-frame batch axis (B*T) of the encoder and head; in the temporal
+# layers the same axis is "clips" (split only by whole clips) and spatial positions "space".
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "heads": "tensor", "mlp": "tensor", "frames": BATCH_AXES, "clips": BATCH_AXES, "space": None}
+
+
+def logical_rules(split_frames: bool) -> dict[str, str | tuple[str, ...] | None]:
+    """``LOGICAL_RULES``; with ``split_frames`` (a clip's frames on several devices) the temporal
+    layers split spatial positions over the batch axes instead of clips."""
+    return {**LOGICAL_RULES, "clips": None, "space": BATCH_AXES} if split_frames else LOGICAL_RULES
 
 
 def maybe_initialize_distributed() -> None:
@@ -147,20 +156,27 @@ def process_rows(mesh: Mesh) -> tuple[int, int]:
     return mine[0] // held, shards // held
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> global arrays split over ``BATCH_AXES``.
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, split_frames: bool = False) -> dict[str, jax.Array]:
+    """This process's clips ``[b, T, ...]`` of a batch -> global arrays split over ``BATCH_AXES``.
 
     Every process passes the row block ``process_rows(mesh)`` names; together they form the batch.
+    By default the clips are split (``B`` must divide over the devices); with ``split_frames``
+    the arrays become frames ``[B*T, ...]`` split by frame (``B*T`` must divide), for more
+    devices than clips (steps with ``StepOptions.frames_per_clip = T``).
     """
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if split_frames:
+        local = {k: np.reshape(v, (-1, *np.shape(v)[2:])) for k, v in local.items()}
     sizes = {len(v) for v in local.values()}
     rows = sizes.pop()
     if sizes:
         raise ValueError(f"batch arrays disagree on the batch size: {sorted({rows, *sizes})}")
     total = rows * process_rows(mesh)[1]
     if total % shards:
-        raise ValueError(f"a global batch of {total} does not split over {' x '.join(BATCH_AXES)} = "
-                         f"{shards} devices; make the batch size a multiple of {shards}")
+        what, fix = ("frames", "batch size x frames per clip") if split_frames else ("clips", "batch size")
+        raise ValueError(f"a global batch of {total} {what} does not split over {' x '.join(BATCH_AXES)} = "
+                         f"{shards} devices; make the {fix} a multiple of {shards}"
+                         + ("" if split_frames else ", or split frames over the devices (sharding.split_frames)"))
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (total, *np.shape(v)[1:]))
             for k, v in local.items()}

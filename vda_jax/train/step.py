@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from vda_jax.models import partitioning
 from vda_jax.ops.normalize import normalize
 from vda_jax.train import losses
-from vda_jax.train.sharding import LOGICAL_RULES, batch_sharding, replicated
+from vda_jax.train.sharding import batch_sharding, logical_rules, replicated
 from vda_jax.train.state import TrainState, trainable
 
 Batch = dict[str, jax.Array]
@@ -44,6 +44,12 @@ class StepOptions:
       metric_depth: the batches' depth is metric z-depth (trained on as 1 / depth); False
         when it is already relative disparity.
       alpha, scales, trim, stable_scale: of ``losses.video_depth_loss``.
+      clip_groups: compute the loss on this many equal groups of clips separately and average
+        it (``losses.per_group``), as the official per-GPU loss: trimming then sorts each
+        group's residuals on its devices rather than the whole batch's.
+      frames_per_clip: 0 when batches are clips ``[B, T, ...]`` split over devices by clip;
+        T when they are frames ``[B*T, ...]`` of T-frame clips split by frame
+        (``sharding.global_batch(..., split_frames=True)``), for more devices than clips.
     """
 
     train_encoder: bool = False
@@ -53,6 +59,8 @@ class StepOptions:
     scales: int = 4
     trim: float = 0.0
     stable_scale: float = 10.0
+    clip_groups: int = 1
+    frames_per_clip: int = 0
 
     def __post_init__(self):
         if self.remat and self.remat not in REMAT_POLICIES:
@@ -72,13 +80,23 @@ def depth_losses(pred: jax.Array, batch: Batch, opts: StepOptions) -> Metrics:
     target = disparity_target(batch["depth"], mask, opts.metric_depth)
     kwargs = dict(alpha=opts.alpha, scales=opts.scales, trim=opts.trim)
     if pred.shape[1] == 1:
-        return losses.image_depth_loss(pred, target, mask, **kwargs)
-    return losses.video_depth_loss(pred, target, mask, stable_scale=opts.stable_scale, **kwargs)
+        loss = losses.image_depth_loss
+    else:
+        loss = functools.partial(losses.video_depth_loss, stable_scale=opts.stable_scale)
+    return losses.per_group(loss, opts.clip_groups)(pred, target, mask, **kwargs)
+
+
+def clips(batch: Batch, opts: StepOptions) -> Batch:
+    """The batch as clips ``[B, T, ...]`` (frames ``[B*T, ...]`` regrouped by ``opts.frames_per_clip``)."""
+    if opts.frames_per_clip:
+        batch = {k: v.reshape(-1, opts.frames_per_clip, *v.shape[1:]) for k, v in batch.items()}
+    chex.assert_rank(batch["frames"], 5)
+    return batch
 
 
 def train_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
     """One optimizer step on one batch; returns the new state and the loss terms and gradient norm."""
-    chex.assert_rank(batch["frames"], 5)
+    batch = clips(batch, opts)
     train_state: TrainState = nnx.merge(graphdef, state)
     b, t, h, w, c = batch["frames"].shape
     frames = normalize(batch["frames"]).reshape(b * t, h, w, c)
@@ -109,17 +127,24 @@ def train_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batc
 
 
 def eval_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[jax.Array, Metrics]:
-    """The prediction ``[B, T, H, W]`` (relative disparity) and the loss terms of one batch."""
+    """The prediction (relative disparity) and the loss terms of one batch.
+
+    The prediction is laid out as the batch: ``[B, T, H, W]``, or frames ``[B*T, H, W]``
+    with ``opts.frames_per_clip``.
+    """
     model = nnx.merge(graphdef, state).model
-    pred = model(normalize(batch["frames"]))
-    return pred, depth_losses(pred, batch, opts)
+    clip_batch = clips(batch, opts)
+    pred = model(normalize(clip_batch["frames"]))
+    return pred.reshape(batch["depth"].shape), depth_losses(pred, clip_batch, opts)
 
 
-def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
-    """``fn`` traced with the layers' logical axes mapped onto ``mesh`` (``LOGICAL_RULES``)."""
+def _on_mesh(mesh: Mesh, opts: StepOptions, fn: Callable) -> Callable:
+    """``fn`` traced with the layers' logical axes mapped onto ``mesh`` (``sharding.logical_rules``)."""
+    rules = logical_rules(split_frames=opts.frames_per_clip > 0)
+
     @functools.wraps(fn)
     def wrapped(*args):
-        with partitioning.axis_rules(mesh, LOGICAL_RULES):
+        with partitioning.axis_rules(mesh, rules):
             return fn(*args)
 
     return wrapped
@@ -128,7 +153,7 @@ def _on_mesh(mesh: Mesh, fn: Callable) -> Callable:
 def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
                    mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]:
     """``train_step`` compiled for states placed by ``shardings``; the input state is donated."""
-    return jax.jit(_on_mesh(mesh, functools.partial(train_step, graphdef, opts)),
+    return jax.jit(_on_mesh(mesh, opts, functools.partial(train_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
@@ -136,6 +161,6 @@ def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.Sta
 def jit_eval_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
                   mesh: Mesh) -> Callable[[nnx.State, Batch], tuple[jax.Array, Metrics]]:
     """``eval_step`` compiled for states placed by ``shardings``; predictions stay batch-sharded."""
-    return jax.jit(_on_mesh(mesh, functools.partial(eval_step, graphdef, opts)),
+    return jax.jit(_on_mesh(mesh, opts, functools.partial(eval_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(batch_sharding(mesh), replicated(mesh)))

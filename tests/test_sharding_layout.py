@@ -1,0 +1,107 @@
+"""The train step's layout on meshes the suite's 8 devices do not fix, each in a subprocess.
+
+* No ``[SPMD] Involuntary full rematerialization`` (XLA giving up on a layout and
+  replicating a tensor) when compiling the step on 2x2x2, 4x2x1 and 1x8x1 meshes.
+* Frames split over 16 devices (one 16-frame clip) train like one device.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+_COMMON = """
+import jax, numpy as np
+import jax.numpy as jnp
+from flax import nnx
+jax.config.update("jax_default_matmul_precision", "highest")
+from vda_jax.config import ModelConfig
+from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.train import sharding
+from vda_jax.train.checkpoints import flat_arrays
+from vda_jax.train.config import default_config
+from vda_jax.train.optimizer import make_optimizer
+from vda_jax.train.state import abstract_train_state, create_train_state, trained_groups
+from vda_jax.train.step import StepOptions, jit_train_step
+
+CONFIG = ModelConfig(encoder="custom", embed_dim=32, depth=4, num_heads=2, pos_embed_grid=4,
+                     intermediate_layers=(0, 1, 2, 3), features=32, out_channels=(16, 16, 32, 32))
+optimizer = default_config().optimizer
+optimizer.lr, optimizer.warmup_steps, optimizer.eps = 1e-4, 0, 1e-3
+TX = make_optimizer(optimizer, total_steps=10, groups=trained_groups(False))
+
+
+def setup(model, mesh_shape):
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    graphdef, abstract = abstract_train_state(model, TX, train_encoder=False)
+    return mesh, graphdef, abstract, sharding.state_shardings(abstract, mesh, sharding.TENSOR_RULES)
+"""
+
+_NO_INVOLUNTARY_REMAT = """
+model = nnx.eval_shape(lambda: VideoDepthAnything(CONFIG, rngs=nnx.Rngs(0)))
+shape = (8, 2, 42, 56)
+for mesh_shape in [(2, 2, 2), (4, 2, 1), (1, 8, 1)]:
+    mesh, graphdef, abstract, shardings = setup(model, mesh_shape)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    placed = sharding.batch_sharding(mesh)
+    batch = {"frames": jax.ShapeDtypeStruct((*shape, 3), jnp.uint8, sharding=placed),
+             "depth": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=placed),
+             "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=placed)}
+    jit_train_step(graphdef, StepOptions(), shardings, mesh).lower(state, batch).compile()
+    print("compiled", mesh_shape, flush=True)
+"""
+
+_FRAMES_SPLIT = """
+model = VideoDepthAnything(CONFIG, rngs=nnx.Rngs(0))
+# The head starts at zero-initialised temporal outputs; give them weights so the step
+# exercises temporal attention across the frames split over devices.
+for layer in model.head.temporal:
+    layer.proj_out.kernel.set_value(0.02 * jax.random.normal(jax.random.key(1), layer.proj_out.kernel.shape))
+rng = np.random.default_rng(0)
+shape = (1, 16, 28, 42)
+clips = {"frames": rng.integers(0, 256, (*shape, 3), dtype=np.uint8),
+         "depth": rng.uniform(1.0, 10.0, shape).astype(np.float32), "mask": rng.random(shape) > 0.1}
+
+
+def one_step(mesh_shape, frames_per_clip):
+    mesh, graphdef, _, shardings = setup(model, mesh_shape)
+    state = create_train_state(model, TX, train_encoder=False, shardings=shardings)
+    step = jit_train_step(graphdef, StepOptions(frames_per_clip=frames_per_clip), shardings, mesh)
+    batch = sharding.global_batch(clips, mesh, split_frames=frames_per_clip > 0)
+    state, metrics = step(state, batch)
+    return jax.device_get(flat_arrays(state)), jax.device_get(metrics), batch["frames"]
+
+
+expected, expected_metrics, _ = one_step((1, 1, 1), 0)
+updated, metrics, frames = one_step((16, 1, 1), 16)
+assert frames.shape == (16, 28, 42, 3) and len(frames.sharding.device_set) == 16, frames.sharding
+# Devices run convolutions and matmuls on 1 frame instead of 16, whose float32 rounding
+# this random model amplifies to ~3e-5 (relative) in its outputs; a wrong layout (attention
+# across the wrong frames or positions) moves the loss and every update by far more.
+for name, value in expected_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=3e-4, err_msg=name)
+for path, value in expected.items():
+    if path.startswith("model."):  # Adam moves each parameter by up to LR = 1e-4
+        np.testing.assert_allclose(updated[path], value, rtol=1e-5, atol=2e-6, err_msg=path)
+print("equal", {k: float(v) for k, v in metrics.items()})
+"""
+
+
+def _run(script: str, devices: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(_COMMON + script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_no_involuntary_rematerialization():
+    result = _run(_NO_INVOLUNTARY_REMAT, 8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 3
+    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
+
+
+def test_frames_split_over_16_devices_train_like_one_device():
+    result = _run(_FRAMES_SPLIT, 16)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "equal" in result.stdout
+    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
