@@ -36,6 +36,7 @@ PRECISIONS = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
 EXPORT_FORMAT = "vda-jax-export"
 EXPORT_VERSION = 1
 _SUFFIXES = {"onnx": ".onnx", "stablehlo": ".stablehlo"}
+_ONNX_INLINE_LIMIT = 1_800_000_000  # bytes of weights kept inside the .onnx file (protobuf stops at 2 GiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,8 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     json_path = os.path.splitext(output)[0] + ".json"
     with _atomic(output) as tmp, _atomic(json_path) as tmp_json:
         if options.format == "onnx":
-            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=tmp)
+            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=tmp,
+                        final_path=output)
         else:
             _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=tmp)
         with open(tmp_json, "w") as f:
@@ -109,14 +111,19 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     return metadata
 
 
-def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str) -> None:
+def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str, final_path: str) -> None:
     try:
+        import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
         raise ValueError(f"ONNX export needs jax2onnx ({e}); install it with pip install 'vda-jax[onnx]'") from e
     inputs = [("B", *s.shape[1:]) if dynamic_batch and i == 0 else s for i, s in enumerate(specs)]
-    to_onnx(fn, inputs, model_name="video_depth_anything", input_names=list(names), output_names=list(out_names),
-            return_mode="file", output_path=path)
+    proto = to_onnx(fn, inputs, model_name="video_depth_anything", input_names=list(names),
+                    output_names=list(out_names))
+    # One self-contained file, unless the weights pass protobuf's 2 GB limit (vitg): then FINAL.onnx.data.
+    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+    onnx.save_model(proto, path, save_as_external_data=weights > _ONNX_INLINE_LIMIT, all_tensors_to_one_file=True,
+                    location=os.path.basename(final_path) + ".data")
 
 
 def _write_stablehlo(fn, specs, *, dynamic_batch: bool, path: str) -> None:
