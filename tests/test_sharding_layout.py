@@ -90,7 +90,7 @@ print("equal", {k: float(v) for k, v in metrics.items()})
 def _run(script: str, devices: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(_COMMON + script)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_no_involuntary_rematerialization():

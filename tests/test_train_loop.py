@@ -169,7 +169,7 @@ def test_overrides_parse_and_check_types():
     ("batch_size=1.5", "config key 'batch_size' holds int values (now 4); cannot set it to '1.5'"),
     ("train_encoder=1", "config key 'train_encoder' holds bool values (now True); cannot set it to '1'"),
     ("loss=3", "config key 'loss' is a group; set its fields as loss.FIELD=VALUE "
-               "(fields: alpha, scales, stable_scale, trim)"),
+               "(fields: alpha, clip_groups, scales, stable_scale, trim)"),
     ("lr", "override 'lr' must look like key=value, e.g. optimizer.lr=1e-4"),
 ])
 def test_cli_override_errors_are_one_line(override, message, tmp_path, capsys):

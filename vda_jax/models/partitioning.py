@@ -2,10 +2,11 @@
 
 Layers name the axes of the parameters and activations they use ("heads", "mlp", "frames",
 "space", ...). A jitted step that runs on a mesh sets the table from names to mesh axes for
-its trace (``axis_rules``); ``constrain`` then lays an array out as its names say, every
-unnamed or unmapped axis replicated. A parameter constrained at its use is gathered there
-from its FSDP shards (the transpose reduce-scatters its gradient), so XLA never has to guess
-a layout. Outside ``axis_rules`` every constraint is a no-op: single-device code runs as is.
+its trace (``axis_rules``); ``constrain`` then lays an activation out as its names say, every
+unnamed or unmapped axis replicated, and ``gather`` does so for a parameter at its use: it
+is gathered there from its FSDP shards (the transpose reduce-scatters its gradient), so XLA
+never has to guess a layout. Outside ``axis_rules`` both are no-ops: single-device code runs
+as is.
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def gather(x: jax.Array, names: Names) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class GatherAtUse:
-    """A Flax ``promote_dtype`` that first lays out ``(inputs, kernel, bias)`` by their names.
+    """A Flax ``promote_dtype`` that first ``gather``s the kernel and bias by their axis names.
 
-    Given to ``nnx.Linear`` / ``nnx.Conv`` (their hook on the parameters at use), it gathers
-    the kernel and bias from their FSDP shards, keeping only the axes named in the rules
-    (e.g. "heads" on ``tensor``).
+    Given to ``nnx.Linear`` / ``nnx.Conv`` (their hook on the parameters at use), so the
+    kernel and bias reach the matmul gathered from their FSDP shards, split only on the
+    axes the rules name (e.g. "heads" on ``tensor``).
     """
 
     kernel: tuple[str | None, ...]
