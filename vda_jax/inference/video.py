@@ -142,7 +142,9 @@ def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tup
     start = jax.shard_map(start_local, mesh=mesh, in_specs=(P(), P("data"), P(), P()), out_specs=P("data"))
 
     def step(params, state, frames, first):
-        model = with_options(nnx.merge(graphdef, params), frame_sharding=sharded)
+        model = nnx.merge(graphdef, params)
+        if mesh.size > 1:  # the per-frame chunks take frames from every device at once
+            model = with_options(model, frame_sharding=sharded)
         return window.window_step(model, state, frames, first, net_size)
 
     return (jax.jit(init, out_shardings=sharded),
