@@ -147,9 +147,8 @@ def plan_stream(variant: str, precision: str) -> Plan:
 def _plans(variant: str, job: str, overrides: list[str]) -> list[Plan]:
     if job == "train":
         return [plan_train(variant, overrides)]
-    if job == "window":  # one and four videos on one device; eight on eight devices
-        return ([plan_window(variant, p, b, 1) for p in ("fp32", "bf16") for b in (1, 4)]
-                + [plan_window(variant, "bf16", DEVICES, DEVICES)])
+    if job == "window":  # (precision, videos, devices)
+        return [plan_window(variant, *c) for c in (("fp32", 1, 1), ("bf16", 1, 1), ("bf16", 4, 1), ("bf16", 4, 4))]
     return [plan_stream(variant, p) for p in ("fp32", "bf16")]
 
 
