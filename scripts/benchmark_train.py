@@ -6,7 +6,7 @@ shape (no input pipeline, randomly initialised model): compile time, steady-stat
 
   python scripts/benchmark_train.py                       # configs/train/synthetic_tiny.py, on CPU
   python scripts/benchmark_train.py --paper vitl          # the paper's setting, on a GPU
-  python scripts/benchmark_train.py --steps 50 batch_size=8 train_encoder=False remat=nothing_saveable
+  python scripts/benchmark_train.py --steps 50 batch_size=8 train_encoder=False remat=True
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import numpy as np
 from flax import nnx
 
 from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.precision import compute_dtype
 from vda_jax.train import sharding
-from vda_jax.train.config import compute_dtype, load_config, model_config_from
+from vda_jax.train.config import load_config, model_config_from
 from vda_jax.train.optimizer import make_optimizer
 from vda_jax.train.state import abstract_train_state, create_train_state, trained_groups
-from vda_jax.train.step import StepOptions, jit_train_step
+from vda_jax.train.step import StepOptions, jit_train_step, training_model
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -49,13 +50,14 @@ def main() -> None:
 
     mesh = sharding.make_mesh(**config.mesh)
     model = VideoDepthAnything(model_config_from(config.model), rngs=nnx.Rngs(config.seed),
-                               dtype=compute_dtype(config.dtype))
+                               dtype=compute_dtype(config.precision))
+    model = training_model(model, config.precision, mesh)
     tx = make_optimizer(config.optimizer, config.total_steps, trained_groups(config.train_encoder))
     graphdef, abstract = abstract_train_state(model, tx, train_encoder=config.train_encoder)
     shardings = sharding.state_shardings(abstract, mesh, config.sharding.tensor_rules, config.sharding.min_fsdp_size)
     state = create_train_state(model, tx, train_encoder=config.train_encoder, shardings=shardings)
     del model
-    options = StepOptions(train_encoder=config.train_encoder, remat=config.remat, **config.loss)
+    options = StepOptions.from_config(config)
     step = jit_train_step(graphdef, options, shardings, mesh)
 
     rng = np.random.default_rng(0)
@@ -75,7 +77,7 @@ def main() -> None:
     memory = jax.devices()[0].memory_stats() or {}
     print(json.dumps({
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
-        "model": config.model.name, "dtype": config.dtype, "train_encoder": config.train_encoder,
+        "model": config.model.name, "precision": config.precision, "train_encoder": config.train_encoder,
         "remat": config.remat, "batch": [config.batch_size, config.data.clip_frames, *config.data.crop_size],
         "compile_and_first_step_s": round(compile_s, 2), "step_s_median": round(step_s, 4),
         "step_s_min": round(min(times), 4), "clips_per_s": round(config.batch_size / step_s, 2),

@@ -25,7 +25,6 @@ from flax import nnx
 from vda_jax.checkpoint import save_model
 from vda_jax.config import model_config
 from vda_jax.export.exporter import ExportOptions, export_checkpoint
-from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything
 
 
@@ -71,7 +70,7 @@ def main() -> None:
 
     frames = np.random.default_rng(0).normal(size=(1, args.frames, args.height, args.width, 3)).astype(np.float32)
     graphdef, params = nnx.split(model)
-    chunk = default_frames_per_chunk()
+    chunk = 1  # one frame at a time, the CPU default (vda_jax.models.vda.default_chunk_bytes)
     jax_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, frames_per_chunk=chunk))
     expected = np.asarray(jax_fn(params, frames))
     report = {"encoder": args.encoder, "size": [args.height, args.width], "frames": args.frames,

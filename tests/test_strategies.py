@@ -29,6 +29,11 @@ class ClipStub(nnx.Module):
     def __init__(self):
         self.config = ModelConfig(embed_dim=8, num_heads=1)
         self.encoder = _Encoder()
+        # VideoDepthAnything's compute options, at their CPU defaults.
+        self.matmul_precision, self.attention, self.chunk_bytes, self.frame_sharding = "highest", "einsum", 0, None
+
+    def frames_per_chunk(self, net_size):
+        return 1
 
     def encode(self, frames, frames_per_chunk=None):
         n, h, w, _ = frames.shape

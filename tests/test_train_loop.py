@@ -156,10 +156,10 @@ def test_overrides_parse_and_check_types():
     config = default_config()
     config.lock()
     apply_overrides(config, ["optimizer.lr=1", "data.crop_size=(56, 84)", "data.image_dataset=vda_pseudo_labels/x",
-                             "remat=dots_saveable", "train_encoder=True", "optimizer.temporal_lr=3e-4"])
+                             "remat=True", "train_encoder=True", "optimizer.temporal_lr=3e-4"])
     assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
     assert config.data.crop_size == (56, 84)
-    assert config.data.image_dataset == "vda_pseudo_labels/x" and config.remat == "dots_saveable"
+    assert config.data.image_dataset == "vda_pseudo_labels/x" and config.remat is True
     assert config.train_encoder is True and config.optimizer.temporal_lr == 3e-4
 
 
@@ -171,6 +171,7 @@ def test_overrides_parse_and_check_types():
     ("loss=3", "config key 'loss' is a group; set its fields as loss.FIELD=VALUE "
                "(fields: alpha, clip_groups, scales, stable_scale, trim)"),
     ("lr", "override 'lr' must look like key=value, e.g. optimizer.lr=1e-4"),
+    ("dtype=bfloat16", 'config key \'dtype\' is now \'precision\' (values: "fp32", "tf32", "bf16")'),
 ])
 def test_cli_override_errors_are_one_line(override, message, tmp_path, capsys):
     argv = ["train", "--config", str(TINY_CONFIG), "--workdir", str(tmp_path), override]

@@ -10,6 +10,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from vda_jax.precision import PRECISIONS
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -180,8 +182,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
     p.add_argument("--max-len", type=int, default=-1, help="at most this many frames (-1: all)")
     p.add_argument("--target-fps", type=float, default=-1, help="subsample to about this frame rate (-1: keep)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="compute precision (default: bf16 on GPU, "
-                                                                   "fp32 on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: bf16 on GPU, "
+                                                                 "fp32 on CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
                    help="videos of one frame size processed together (sharded over this process's devices)")
     p.add_argument("--streaming", action="store_true", help="causal streaming mode (one frame in, one depth out)")
@@ -225,7 +227,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
     p.add_argument("--output", help="also write the report as JSON")
     p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--strategy", choices=tuple(STRATEGIES), default="full",
                    help="window strategy (the paper's Table 5): full is the released method")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -249,7 +251,7 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--checkpoint", help="teacher model directory (default: the bundled demo model)")
     p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_pseudo_label)

@@ -25,7 +25,9 @@ def get_config(variant: str = "vits") -> config_dict.ConfigDict:
         raise ValueError(f"paper.py takes 'vits' or 'vitl', got {variant!r}")
     c = default_config()
     c.model.name = variant
-    c.dtype = "bfloat16"
+    c.precision = "bf16"
+    c.remat = True  # per-module remat: the vitl step fits 80 GB GPUs (scripts/memory_plan.py)
+    c.frames_per_chunk = 8
     c.total_steps = 40_000
     c.batch_size = 16
     c.image_batch_size = 64

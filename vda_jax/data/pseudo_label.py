@@ -30,10 +30,8 @@ from PIL import Image
 
 from vda_jax.data import files
 from vda_jax.inference.preprocess import network_size, preprocess
-from vda_jax.inference.video import PRECISIONS, default_precision
 from vda_jax.io.video import AtomicPath
-from vda_jax.models.layers import default_frames_per_chunk
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
 
@@ -103,7 +101,7 @@ _network_input = jax.jit(preprocess, static_argnums=1)
 @nnx.jit
 def _predict(model: VideoDepthAnything, x: jax.Array) -> jax.Array:
     """Normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each image a one-frame clip."""
-    return model(x[:, None], default_frames_per_chunk())[:, 0]
+    return model(x[:, None], model.frames_per_chunk(x.shape[1:3]))[:, 0]
 
 
 @jax.jit(static_argnums=1)
@@ -134,7 +132,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
       images_dir: folder of .png/.jpg images, searched recursively.
       output_dir: gets ``depth/`` with the labels and ``images`` linking to ``images_dir``.
       input_size: network input short side.
-      precision: "fp32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
+      precision: "fp32", "tf32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
       batch_size: images per model call.
       progress: show a progress bar.
     """
@@ -154,7 +152,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
             groups[network_size(size, input_size, limit_aspect=False)].append((image, size))
     batches = [(net_size, group[i:i + batch_size])
                for net_size, group in groups.items() for i in range(0, len(group), batch_size)]
-    model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
+    model = compute_model(model, precision)
 
     total = sum(len(batch) for _, batch in batches)
     labelled = 0

@@ -30,9 +30,9 @@ import tqdm
 from vda_jax.data.builders import open_split
 from vda_jax.eval import metrics
 from vda_jax.eval.strategies import infer_with_strategy
-from vda_jax.inference.video import PRECISIONS, default_precision
 from vda_jax.io.video import AtomicPath
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything, compute_model
+from vda_jax.precision import default_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ def evaluate(model: VideoDepthAnything, dataset: str, split: str = "test", *, da
       data_dir: the TFDS data directory the dataset was built in.
       max_frames: infer and score only the first N frames of each video (None: all).
       input_size: network input short side.
-      precision: "fp32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
+      precision: "fp32", "tf32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
       strategy: a key of ``strategies.STRATEGIES``; "full" is the released method.
       progress: show a progress bar over frames.
     """
@@ -195,8 +195,8 @@ def evaluate(model: VideoDepthAnything, dataset: str, split: str = "test", *, da
     names = table["names"][:protocol.eval_videos]
     firsts = np.cumsum([0, *table["lengths"]])[:len(names)]
     counts = [min(n, max_frames or n) for n in table["lengths"][:len(names)]]
-    precision = precision or default_precision()
-    model = with_compute_dtype(model, PRECISIONS[precision])  # once, not per video
+    precision = precision or default_precision(jax.default_backend())
+    model = compute_model(model, precision)  # once, not per video
 
     scores = []
     with tqdm.tqdm(total=sum(counts), unit="frame", disable=not progress, desc=f"eval {dataset}:{split}",

@@ -22,10 +22,9 @@ import numpy as np
 from flax import nnx
 
 from vda_jax.inference.preprocess import network_size, preprocess
-from vda_jax.inference.video import PRECISIONS, default_precision, infer_video_depth
+from vda_jax.inference.video import infer_video_depth
 from vda_jax.inference.window import OVERLAP_FRAMES, WINDOW_FRAMES
-from vda_jax.models.layers import default_frames_per_chunk
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.ops.align import scale_and_shift
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
@@ -49,7 +48,7 @@ def windows(num_frames: int, overlap: int) -> list[Window]:
 @nnx.jit(static_argnames="net_size")
 def _window_depth(model: VideoDepthAnything, frames: jax.Array, net_size: tuple[int, int]) -> jax.Array:
     """uint8 ``[32, H, W, 3]`` -> depth ``[32, H, W]`` at the frames' resolution."""
-    chunk = default_frames_per_chunk()
+    chunk = model.frames_per_chunk(net_size)
     features = model.encode(preprocess(frames, net_size), chunk)
     depth, _ = model.decode(features, frames.shape[0], net_size, frames_per_chunk=chunk)
     return resize_bilinear_align_corners(depth[0], frames.shape[1:3], axes=(-2, -1))
@@ -66,7 +65,7 @@ def _windowed_depth(model: VideoDepthAnything, frames: np.ndarray | Iterable[np.
                     input_size: int, precision: str | None) -> np.ndarray:
     """Depth ``[N, H, W]``, each window aligned to the previous one over the ``overlap`` shared frames."""
     video = _as_video(frames)
-    model = with_compute_dtype(model, PRECISIONS[precision or default_precision()])
+    model = compute_model(model, precision)
     net_size = network_size(video.shape[1:3], input_size)
     align = overlap > 0 and not model.config.metric
     out, previous = [], None

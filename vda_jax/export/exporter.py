@@ -29,7 +29,7 @@ from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from vda_jax.export import graphs
 from vda_jax.export.official import write_official
 from vda_jax.inference import schedule, sizing, stream
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything, with_options
 
 FORMATS = ("onnx", "stablehlo", "official")
 PRECISIONS = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
@@ -87,7 +87,7 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
         raise ValueError(f"{options.format} output must end in {_SUFFIXES[options.format]}, got {output}")
     input_size = int(info.get("input_size", 518))
     net_size = (options.height, options.width) if options.height else (input_size,) * 2
-    model = with_compute_dtype(model, PRECISIONS[options.precision])
+    model = with_options(model, dtype=PRECISIONS[options.precision])
     if options.streaming:
         fn, specs = graphs.stream_function(model, net_size), graphs.stream_specs(model, net_size)
         names = ("frame", "step", *(f"ring_{i}" for i in range(len(specs) - 2)))

@@ -29,9 +29,8 @@ from flax import nnx
 
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size, preprocess
-from vda_jax.inference.video import compute_model
 from vda_jax.models.temporal import Cache
-from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
 CONTEXT_FRAMES = window.WINDOW_FRAMES - 1  # 31 past frames per new frame

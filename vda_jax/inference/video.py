@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import math
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -30,9 +29,8 @@ from jax.sharding import PartitionSpec as P
 
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size
-from vda_jax.models.vda import VideoDepthAnything, with_compute_dtype
+from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
 
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 _PREFETCH_FRAMES = 2 * window.WINDOW_FRAMES
 
 
@@ -51,19 +49,6 @@ class VideoJob:
     frames: Iterable[np.ndarray]
     sink: DepthSink
     name: str = "video"
-
-
-def default_precision() -> str:
-    """bf16 on accelerators, fp32 on CPU."""
-    return "fp32" if jax.default_backend() == "cpu" else "bf16"
-
-
-def compute_model(model: VideoDepthAnything, precision: str | None) -> VideoDepthAnything:
-    """``model`` computing at ``precision`` ("fp32", "bf16"; None: the device's default)."""
-    precision = precision or default_precision()
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
-    return with_compute_dtype(model, PRECISIONS[precision])
 
 
 def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FRAMES) -> Generator[np.ndarray]:
@@ -145,20 +130,44 @@ class _Slot:
         return window.STRIDE * self.window < self.read
 
 
+def slot_mesh(slots: int, devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """A ``data`` mesh over as many of ``devices`` as there are slots."""
+    shards = min(slots, len(devices))
+    return jax.make_mesh((shards,), ("data",), devices=list(devices)[:shards],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def padded_slots(slots: int, mesh: jax.sharding.Mesh) -> int:
+    """``slots`` rounded up to a multiple of the mesh's devices (the extra slots stay idle)."""
+    return -(-slots // mesh.size) * mesh.size
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tuple[int, int], slots: int,
-              mesh: jax.sharding.Mesh):
-    """Jitted (init, start, step) for one model graph, frame size and slot count; built once."""
+                   mesh: jax.sharding.Mesh):
+    """Jitted (init, start, step) for one model graph, frame size and slot count (a multiple of the
+    mesh's devices); built once. ``start`` encodes a video's first frames on its slot's device only."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    local_slots = slots // mesh.size
 
     def init(params):
         return window.empty_state(nnx.merge(graphdef, params), slots, net_size, frame_size)
 
-    def start(params, state, slot, frames):
-        return window.start_video(nnx.merge(graphdef, params), state, slot, frames, net_size)
+    def start_local(params, state, slot, frames):
+        local = slot - jax.lax.axis_index("data") * local_slots
+
+        def encode(state):
+            return window.start_video(nnx.merge(graphdef, params), state, local, frames, net_size)
+
+        return jax.lax.cond((local >= 0) & (local < local_slots), encode, lambda state: state, state)
+
+    start = jax.shard_map(start_local, mesh=mesh, in_specs=(P(), P("data"), P(), P()), out_specs=P("data"))
 
     def step(params, state, frames, first):
-        return window.window_step(nnx.merge(graphdef, params), state, frames, first, net_size)
+        model = nnx.merge(graphdef, params)
+        if mesh.size > 1:  # the per-frame chunks take frames from every device at once
+            model = with_options(model, frame_sharding=sharded)
+        return window.window_step(model, state, frames, first, net_size)
 
     return (jax.jit(init, out_shardings=sharded),
             jax.jit(start, in_shardings=(replicated, sharded, replicated, replicated), out_shardings=sharded,
@@ -170,20 +179,19 @@ def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tup
 class WindowRunner:
     """The compiled start and window steps for one frame size and slot count.
 
-    The model's parameters are placed once (replicated over the mesh); the slot
-    axis of the frames and of the carried state is sharded on ``data``, over
-    ``devices`` (default: this process's, so processes run independently).
+    The slots are split over as many of ``devices`` (default: this process's, so processes run
+    independently) as there are slots, and padded to a multiple of that count with idle slots.
+    The model's parameters are placed once (replicated over the mesh); the slot axis of the
+    frames and of the carried state is sharded on ``data``.
     """
 
     def __init__(self, model: VideoDepthAnything, frame_size: tuple[int, int], net_size: tuple[int, int],
                  slots: int, devices: Sequence[jax.Device] | None = None):
-        devices = list(devices or jax.local_devices())
-        shards = math.gcd(slots, len(devices))
-        mesh = jax.make_mesh((shards,), ("data",), devices=devices[:shards], axis_types=(jax.sharding.AxisType.Auto,))
-        self.frame_size, self.net_size, self.slots = frame_size, net_size, slots
+        mesh = slot_mesh(slots, devices or jax.local_devices())
+        self.frame_size, self.net_size, self.slots = frame_size, net_size, padded_slots(slots, mesh)
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
-        init, self._start, self._step = _compiled(graphdef, frame_size, net_size, slots, mesh)
+        init, self._start, self._step = _compiled(graphdef, frame_size, net_size, self.slots, mesh)
         self.state = init(self.params)
 
     def start(self, slot: int, frames: np.ndarray) -> None:
@@ -359,7 +367,7 @@ def infer_video_depth(model: VideoDepthAnything, frames: np.ndarray | Iterable[n
       model: a loaded model (relative or metric).
       frames: uint8 RGB ``[N, H, W, 3]`` or an iterable of ``[H, W, 3]`` frames.
       input_size: short side of the network input (rounded to a multiple of 14).
-      precision: "fp32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
+      precision: "fp32", "tf32" or "bf16" (default: bf16 on accelerators, fp32 on CPU).
     Returns:
       float32 depth ``[N, H, W]`` at the frames' resolution.
     """

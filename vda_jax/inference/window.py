@@ -37,7 +37,6 @@ from vda_jax.inference.schedule import (  # noqa: F401 (re-exported: the schedul
     blend_weights,
     num_windows,
 )
-from vda_jax.models.layers import default_frames_per_chunk
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.align import scale_and_shift
 from vda_jax.ops.resize import resize_bilinear_align_corners
@@ -104,7 +103,7 @@ def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int]
 def start_video(model: VideoDepthAnything, state: WindowState, slot: jax.Array, frames: jax.Array,
                 net_size: tuple[int, int]) -> WindowState:
     """Encodes a video's first 10 frames (uint8 ``[10, H, W, 3]``) into slot ``slot``."""
-    features = model.encode(preprocess(frames, net_size), default_frames_per_chunk())
+    features = model.encode(preprocess(frames, net_size), model.frames_per_chunk(net_size))
     key_features = tuple(k.at[slot].set(f.astype(k.dtype)) for k, f in zip(state.key_features, features))
     return state._replace(key_features=key_features)
 
@@ -120,7 +119,7 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
       net_size: network input (h, w), multiples of 14.
     """
     b, t, height, width, _ = frames.shape
-    chunk = default_frames_per_chunk()
+    chunk = model.frames_per_chunk(net_size)
     new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), chunk)
     features = tuple(jnp.concatenate([k, f.reshape(b, t, *f.shape[1:]).astype(k.dtype)], axis=1)
                      for k, f in zip(state.key_features, new))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype, UpConv, conv, map_frames
+from vda_jax.models.layers import Dtype, UpConv, checkpointed, conv, map_frames
 from vda_jax.models.temporal import Cache, TemporalModule
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
@@ -71,7 +72,8 @@ class DPTHead(nnx.Module):
         self.output_conv3 = conv(_OUTPUT_HIDDEN, 1, 1, rngs=rngs, dtype=jnp.float32)
 
     def __call__(self, features: tuple[jax.Array, ...], num_frames: int, cache: Cache | None = None,
-                 frames_per_chunk: int | None = None) -> tuple[jax.Array, Cache]:
+                 frames_per_chunk: int | None = None, remat: bool = False,
+                 frame_sharding: NamedSharding | None = None) -> tuple[jax.Array, Cache]:
         """Decodes depth.
 
         Args:
@@ -82,6 +84,9 @@ class DPTHead(nnx.Module):
           frames_per_chunk: run the layers after the last temporal one (per-frame, at the
             finest resolutions) this many frames at a time (``map_frames``); None runs
             all frames at once. The result does not depend on it.
+          remat: rematerialise in the backward pass each temporal layer, each fusion block
+            and each chunk of the per-frame end (only their inputs are kept).
+          frame_sharding: how the frame axis is split over devices (see ``map_frames``).
         Returns:
           Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU)
           and the new frames' temporal hidden states (8 arrays ``[B, T, S, D]``).
@@ -97,26 +102,28 @@ class DPTHead(nnx.Module):
 
         def temporal(i: int, x: jax.Array) -> jax.Array:
             layer_cache = None if cache is None else cache[2 * i: 2 * i + 2]
-            y, states = self.temporal[i](x.reshape(b, t, *x.shape[1:]), layer_cache)
+            y, states = checkpointed(self.temporal[i], remat)(x.reshape(b, t, *x.shape[1:]), layer_cache)
             new_cache.extend(states)
             return y.reshape(x.shape)
 
         layers[2] = temporal(0, layers[2])
         layers[3] = temporal(1, layers[3])
         rn = [layer_rn(x) for layer_rn, x in zip(self.layer_rn, layers)]
-        path = self.refinenets[3](rn[3], size=rn[2].shape[1:3])
+        path = checkpointed(lambda x: self.refinenets[3](x, size=rn[2].shape[1:3]), remat)(rn[3])
         path = temporal(2, path)
-        path = self.refinenets[2](path, rn[2], size=rn[1].shape[1:3])
+        path = checkpointed(lambda x, skip: self.refinenets[2](x, skip, size=rn[1].shape[1:3]), remat)(path, rn[2])
         path = temporal(3, path)
         output_size = (ph * self.patch_size, pw * self.patch_size)
-        out = map_frames(lambda x: self._fine(x, output_size), (path, rn[1], rn[0]), frames_per_chunk)
+        fine = checkpointed(lambda x: self._fine(x, output_size, remat), remat)
+        out = map_frames(fine, (path, rn[1], rn[0]), frames_per_chunk, frame_sharding)
         return out, tuple(new_cache)
 
-    def _fine(self, fine: tuple[jax.Array, jax.Array, jax.Array], output_size: tuple[int, int]) -> jax.Array:
+    def _fine(self, fine: tuple[jax.Array, jax.Array, jax.Array], output_size: tuple[int, int],
+              remat: bool) -> jax.Array:
         """The per-frame end of the head: ``(path, rn1, rn0)`` -> depth ``[N, *output_size]``."""
         path, rn1, rn0 = fine
-        path = self.refinenets[1](path, rn1, size=rn0.shape[1:3])
-        path = self.refinenets[0](path, rn0)
+        path = checkpointed(lambda x, skip: self.refinenets[1](x, skip, size=rn0.shape[1:3]), remat)(path, rn1)
+        path = checkpointed(self.refinenets[0], remat)(path, rn0)
         out = self.output_conv1(path)
         out = resize_bilinear_align_corners(out, output_size)
         out = jax.nn.relu(self.output_conv2(out.astype(jnp.float32)))

@@ -2,47 +2,84 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from vda_jax.config import ModelConfig
 from vda_jax.models.dpt import DPTHead
-from vda_jax.models.layers import Dtype, map_frames
+from vda_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dtype, chunk_frames, default_attention, map_frames
 from vda_jax.models.temporal import Cache
 from vda_jax.models.vit import DinoVisionTransformer
 from vda_jax.ops.resize import resize_bilinear_align_corners
+from vda_jax.precision import compute_dtype, default_precision, matmul_precision
 
 
 class VideoDepthAnything(nnx.Module):
     """Relative (or metric) depth for clips of up to ``config.num_frames`` frames.
 
-    ``dtype`` is the compute dtype (parameters stay float32): ``jnp.bfloat16`` runs the
-    encoder and head in bfloat16 and keeps the last convolutions in float32.
+    Compute options (static: part of the graph, not of the parameters; ``compute_model``
+    sets them from a precision name):
+      dtype: the compute dtype (parameters stay float32): ``jnp.bfloat16`` runs the
+        encoder and head in bfloat16 and keeps the last convolutions in float32.
+      matmul_precision: ``jax.default_matmul_precision`` of the model's matmuls and
+        convolutions ("highest": true float32 on every backend; None: JAX's default).
+      attention: the encoder's attention implementation (``layers.ATTENTION_IMPLEMENTATIONS``).
+      chunk_bytes: per-device bytes the per-frame parts may use at a time at inference
+        (``frames_per_chunk``); 0 runs them one frame at a time.
+      frame_sharding: how the frame axis given to ``encode`` / ``decode`` is split over
+        devices (e.g. ``NamedSharding(mesh, P("data"))``), or None; chunks then take frames
+        from every device at once (``map_frames``), so no collectives run in the loop.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Dtype = jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype: Dtype = jnp.float32,
+                 matmul_precision: str | None = "highest", attention: str = "einsum", chunk_bytes: int = 0,
+                 frame_sharding: NamedSharding | None = None):
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {attention!r}; "
+                             f"choose one of {list(ATTENTION_IMPLEMENTATIONS)}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
-        self.encoder = DinoVisionTransformer(config, rngs=rngs, dtype=dtype)
+        self.matmul_precision = matmul_precision
+        self.attention = attention
+        self.chunk_bytes = chunk_bytes
+        self.frame_sharding = frame_sharding
+        self.encoder = DinoVisionTransformer(config, rngs=rngs, dtype=dtype, attention=attention)
         self.head = DPTHead(config, rngs=rngs, dtype=dtype)
 
-    def encode(self, frames: jax.Array, frames_per_chunk: int | None = None) -> tuple[jax.Array, ...]:
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self.matmul_precision is None:
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.matmul_precision)
+
+    def frames_per_chunk(self, net_size: tuple[int, int]) -> int:
+        """Frames the per-frame parts take at a time at ``net_size`` so they stay within ``chunk_bytes``."""
+        return chunk_frames(frame_bytes(self.config, net_size, self.encoder.dtype), self.chunk_bytes)
+
+    def encode(self, frames: jax.Array, frames_per_chunk: int | None = None,
+               remat: bool = False) -> tuple[jax.Array, ...]:
         """Per-frame encoder features: ``[N, H, W, 3]`` -> four ``[N, H/14, W/14, E]``.
 
-        ``frames_per_chunk`` frames go through the encoder at a time (``map_frames``).
+        ``frames_per_chunk`` frames (per frame shard) go through the encoder at a time
+        (``map_frames``); ``remat`` rematerialises each block in the backward pass.
         """
-        return map_frames(self.encoder, frames, frames_per_chunk)
+        with self._precision():
+            return map_frames(lambda x: self.encoder(x, remat), frames, frames_per_chunk, self.frame_sharding)
 
     def decode(self, features: tuple[jax.Array, ...], num_frames: int, image_size: tuple[int, int],
-               cache: Cache | None = None, frames_per_chunk: int | None = None) -> tuple[jax.Array, Cache]:
+               cache: Cache | None = None, frames_per_chunk: int | None = None,
+               remat: bool = False) -> tuple[jax.Array, Cache]:
         """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal states.
 
-        ``frames_per_chunk`` frames at a time go through the head's finest layers (see ``DPTHead``).
+        ``frames_per_chunk`` and ``remat`` are ``DPTHead``'s.
         """
-        depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk)
-        depth = resize_bilinear_align_corners(depth[..., None], image_size)[..., 0]
+        with self._precision():
+            depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk, remat, self.frame_sharding)
+            depth = resize_bilinear_align_corners(depth[..., None], image_size)[..., 0]
         depth = jax.nn.relu(depth)
         return depth.reshape(-1, num_frames, *image_size), new_cache
 
@@ -65,9 +102,46 @@ class VideoDepthAnything(nnx.Module):
         return self.decode(features, t, (h, w), frames_per_chunk=frames_per_chunk)[0]
 
 
-def with_compute_dtype(model: VideoDepthAnything, dtype: Dtype) -> VideoDepthAnything:
-    """The same parameters (shared, not copied) computing in ``dtype``."""
-    if model.encoder.dtype == dtype:
+def frame_bytes(config: ModelConfig, net_size: tuple[int, int], dtype: Dtype) -> int:
+    """A rough upper estimate of one frame's peak intermediate bytes in the encoder or the head's per-frame end."""
+    size = jnp.dtype(dtype).itemsize
+    ph, pw = net_size[0] // config.patch_size, net_size[1] // config.patch_size
+    tokens, dim = ph * pw + 1, config.embed_dim
+    # Attention logits (float32) and weights, the MLP's hidden layer and its GELU, a few residual streams.
+    encoder = (config.num_heads * tokens**2 * (4 + size) + 2 * tokens * int(dim * config.mlp_ratio) * size
+               + 6 * tokens * dim * size)
+    # The finest fusion block (stride 2 of the patch grid x 8), output_conv1 resized to the input
+    # size and cast to float32, the float32 output convolutions.
+    feats, pixels = config.features, net_size[0] * net_size[1]
+    head = 4 * (8 * ph) * (8 * pw) * feats * size + pixels * (feats // 2) * (size + 4) + 2 * pixels * 32 * 4
+    return max(encoder, head)
+
+
+def default_chunk_bytes(backend: str) -> int:
+    """``chunk_bytes`` for a JAX backend: one frame at a time on CPU (the working set stays in cache:
+    vits at 280x378, encoder 173 -> 93 ms a frame, head 80 -> 49 ms); 2 GiB per chunk on accelerators."""
+    return 0 if backend == "cpu" else 2 * 2**30
+
+
+def with_options(model: VideoDepthAnything, **options) -> VideoDepthAnything:
+    """The same parameters (shared, not copied) with some compute options changed (see the class)."""
+    current = dict(dtype=model.encoder.dtype, matmul_precision=model.matmul_precision, attention=model.attention,
+                   chunk_bytes=model.chunk_bytes, frame_sharding=model.frame_sharding)
+    if {**current, **options} == current:
         return model
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoDepthAnything(model.config, dtype=dtype)))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoDepthAnything(model.config, **{**current, **options})))
     return nnx.merge(graphdef, nnx.state(model))
+
+
+def compute_model(model: VideoDepthAnything, precision: str | None = None, *, attention: str | None = None,
+                  chunk_bytes: int | None = None) -> VideoDepthAnything:
+    """The same parameters (shared, not copied) computing at ``precision`` ("fp32", "tf32", "bf16").
+
+    None picks the default of the default backend for each option (``precision.default_precision``,
+    ``layers.default_attention``, ``default_chunk_bytes``).
+    """
+    backend = jax.default_backend()
+    precision = precision or default_precision(backend)
+    return with_options(model, dtype=compute_dtype(precision), matmul_precision=matmul_precision(precision),
+                        attention=attention or default_attention(backend),
+                        chunk_bytes=default_chunk_bytes(backend) if chunk_bytes is None else chunk_bytes)

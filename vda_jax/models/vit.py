@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vda_jax.config import ModelConfig
-from vda_jax.models.layers import Dtype, FusedLinear, attention, conv, gelu, layer_norm, linear
+from vda_jax.models.layers import Dtype, FusedLinear, attention, checkpointed, conv, gelu, layer_norm, linear
 from vda_jax.models.partitioning import gather
 from vda_jax.ops.resize import resize_torch_bicubic_by_scale
 
@@ -17,17 +17,18 @@ _LN_EPS = 1e-6
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection; ``implementation`` as ``layers.attention``'s."""
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: Dtype, implementation: str = "einsum"):
         self.num_heads = num_heads
+        self.implementation = implementation
         self.qkv = FusedLinear(dim, 3, dim, out_axis="heads", rngs=rngs, dtype=dtype)
         self.proj = linear(dim, dim, axes=("heads", None), rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.implementation)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -64,11 +65,11 @@ class LayerScale(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block with layer scale on both residual branches."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Dtype):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Dtype, attention: str = "einsum"):
         dim = config.embed_dim
         ffn = {"mlp": Mlp, "swiglu": SwiGLU}[config.ffn]
         self.norm1 = layer_norm(dim, _LN_EPS, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, config.num_heads, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, config.num_heads, rngs=rngs, dtype=dtype, implementation=attention)
         self.ls1 = LayerScale(dim)
         self.norm2 = layer_norm(dim, _LN_EPS, rngs=rngs, dtype=dtype)
         self.mlp = ffn(dim, int(dim * config.mlp_ratio), rngs=rngs, dtype=dtype)
@@ -101,9 +102,13 @@ def interpolate_pos_embed(pos_embed: jax.Array, patch_h: int, patch_w: int, offs
 
 
 class DinoVisionTransformer(nnx.Module):
-    """DINOv2 ViT returning the normed patch tokens of the configured blocks."""
+    """DINOv2 ViT returning the normed patch tokens of the configured blocks.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    ``attention``: the attention implementation (``layers.ATTENTION_IMPLEMENTATIONS``).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+                 attention: str = "einsum"):
         dim, grid = config.embed_dim, config.pos_embed_grid
         self.config = config
         self.dtype = dtype
@@ -111,14 +116,16 @@ class DinoVisionTransformer(nnx.Module):
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, dim)))
         self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + grid * grid, dim)))
         self.mask_token = nnx.Param(jnp.zeros((1, dim)))  # DINOv2's masked-patch token; unused at inference
-        self.blocks = nnx.List([Block(config, rngs=rngs, dtype=dtype) for _ in range(config.depth)])
+        self.blocks = nnx.List([Block(config, rngs=rngs, dtype=dtype, attention=attention)
+                                for _ in range(config.depth)])
         self.norm = layer_norm(dim, _LN_EPS, rngs=rngs, dtype=dtype)
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
+    def __call__(self, images: jax.Array, remat: bool = False) -> tuple[jax.Array, ...]:
         """Encodes images.
 
         Args:
           images: ``[N, H, W, 3]``, ImageNet-normalised, H and W multiples of the patch size.
+          remat: rematerialise each block in the backward pass (only its input is kept).
         Returns:
           One ``[N, H/14, W/14, D]`` feature map per configured intermediate block,
           taken through the final norm, the cls token dropped.
@@ -137,7 +144,7 @@ class DinoVisionTransformer(nnx.Module):
         taken = set(self.config.intermediate_layers)
         outputs = []
         for i, block in enumerate(self.blocks[: max(taken) + 1]):
-            x = block(x)
+            x = checkpointed(block, remat)(x)
             if i in taken:
                 outputs.append(self.norm(x)[:, 1:].reshape(n, ph, pw, -1))
         return tuple(outputs)

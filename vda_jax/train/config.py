@@ -16,7 +16,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
 from ml_collections import config_dict
 
 from vda_jax.config import ENCODERS, ModelConfig, model_config
@@ -38,9 +37,15 @@ def default_config() -> config_dict.ConfigDict:
     # Anything / Depth Anything V2 .pth or .safetensors file (image models get identity
     # temporal layers). Only used when the workdir holds no checkpoint yet.
     c.init_from = ""
-    c.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; parameters stay float32
+    # Compute precision, "fp32", "tf32" or "bf16" (vda_jax.precision); parameters stay float32.
+    c.precision = "fp32"
     c.train_encoder = False  # False: only the head trains and the encoder runs outside autodiff
-    c.remat = ""  # "" (off) or a policy of vda_jax.train.step.REMAT_POLICIES, per trained stage
+    # Rematerialise per module (temporal layers, fusion blocks, chunks of the head's per-frame end,
+    # ViT blocks when the encoder trains): activations are recomputed in the backward pass.
+    c.remat = False
+    # Frames per device the per-frame parts (encoder, the head's finest layers) take at a time;
+    # 0: all at once. With remat this bounds the backward pass's live activations too.
+    c.frames_per_chunk = 0
 
     c.total_steps = 10_000
     c.batch_size = 16  # video clips per step, over all processes
@@ -244,7 +249,13 @@ def _keys(config: config_dict.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that were renamed: the old name -> the new one.
+_RENAMED = {"dtype": "precision"}
+
+
 def _unknown_key(config: config_dict.ConfigDict, key: str) -> ValueError:
+    if key in _RENAMED:
+        return ValueError(f"config key {key!r} is now {_RENAMED[key]!r} (values: \"fp32\", \"tf32\", \"bf16\")")
     close = difflib.get_close_matches(key, _keys(config), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else "; see vda_jax/train/config.py for the keys"
     return ValueError(f"unknown config key {key!r}{hint}")
@@ -289,14 +300,6 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: Sequence[str]) ->
             raise ValueError(f"config key {key!r} is a group; set its fields as {key}.FIELD=VALUE "
                              f"(fields: {', '.join(node[name].keys())})")
         node[name] = _parse(key, text, node[name])
-
-
-def compute_dtype(name: str) -> jnp.dtype:
-    """``config.dtype`` ("float32" or "bfloat16") as a dtype."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {list(dtypes)}, got {name!r}")
-    return dtypes[name]
 
 
 def model_config_from(model: config_dict.ConfigDict) -> ModelConfig:

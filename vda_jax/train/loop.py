@@ -26,7 +26,6 @@ from collections.abc import Mapping
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -38,14 +37,15 @@ from vda_jax.checkpoint import count_params, save_model
 from vda_jax.data import builders, pipeline
 from vda_jax.eval.metrics import depth_metrics
 from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
-from vda_jax.train.config import compute_dtype, model_config_from
+from vda_jax.train.config import model_config_from
 from vda_jax.train.init import initial_model
 from vda_jax.train.metrics_log import MetricsLog, write_atomic
 from vda_jax.train.optimizer import learning_rates, make_optimizer
 from vda_jax.train.state import abstract_train_state, create_train_state, trainable, trained_groups
-from vda_jax.train.step import StepOptions, jit_eval_step, jit_train_step
+from vda_jax.train.step import StepOptions, jit_eval_step, jit_train_step, training_model
 
 BATCH_KEYS = ("frames", "depth", "mask")
 
@@ -76,7 +76,6 @@ class Trainer:
         self.workdir = os.path.abspath(workdir)
         if config.total_steps < 1 or config.log_every < 1 or config.checkpoint.every < 1:
             raise ValueError("total_steps, log_every and checkpoint.every must be >= 1")
-        dtype = compute_dtype(config.dtype)
         self.model_config = model_config_from(config.model)
         self.mesh = sharding.make_mesh(**config.mesh)
         # This process reads its rows of every global batch: the block its devices hold.
@@ -97,12 +96,11 @@ class Trainer:
         self.checkpoints = Checkpoints(os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        best_metric=config.checkpoint.best_metric,
                                        best_mode=config.checkpoint.best_mode)
-        self._graphdef = self._restore_or_initialize(tx, dtype)
+        self._graphdef = self._restore_or_initialize(tx)
 
         # With sharding.split_frames, batches are frames [B*T, ...] of clips of T frames (images: T = 1).
         frames = {"video": self.data_config.clip_frames, "image": 1} if config.sharding.split_frames else {}
-        options = {kind: StepOptions(train_encoder=config.train_encoder, remat=config.remat, metric_depth=metric,
-                                     frames_per_clip=frames.get(kind, 0), **config.loss)
+        options = {kind: StepOptions.from_config(config, metric, frames_per_clip=frames.get(kind, 0))
                    for kind, metric in metric_depth.items()}
         self._train_steps = {kind: jit_train_step(self._graphdef, opts, self.shardings, self.mesh)
                              for kind, opts in options.items()}
@@ -111,14 +109,15 @@ class Trainer:
         if jax.process_index() == 0:
             write_atomic(os.path.join(self.workdir, "config.json"), config.to_json(indent=2))
 
-    def _restore_or_initialize(self, tx: optax.GradientTransformation, dtype: jnp.dtype) -> nnx.GraphDef:
+    def _restore_or_initialize(self, tx: optax.GradientTransformation) -> nnx.GraphDef:
         """Sets ``state``, ``step`` and ``shardings`` from the latest checkpoint or ``init_from``."""
         c = self.config
         latest = self.checkpoints.latest_step()
         if latest is None:
-            model = initial_model(self.model_config, c.init_from, seed=c.seed, dtype=dtype)
+            model = initial_model(self.model_config, c.init_from, seed=c.seed, dtype=compute_dtype(c.precision))
         else:
-            model = nnx.eval_shape(lambda: VideoDepthAnything(self.model_config, rngs=nnx.Rngs(0), dtype=dtype))
+            model = nnx.eval_shape(lambda: VideoDepthAnything(self.model_config, rngs=nnx.Rngs(0)))
+        model = training_model(model, c.precision, self.mesh)
         graphdef, abstract = abstract_train_state(model, tx, train_encoder=c.train_encoder)
         self.shardings = sharding.state_shardings(abstract, self.mesh, c.sharding.tensor_rules,
                                                   c.sharding.min_fsdp_size)

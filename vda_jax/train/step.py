@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from ml_collections.config_dict import ConfigDict
 
 from vda_jax.models import partitioning
+from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
 from vda_jax.ops.normalize import normalize
 from vda_jax.train import losses
 from vda_jax.train.sharding import batch_sharding, logical_rules, replicated
@@ -27,9 +29,6 @@ from vda_jax.train.state import TrainState, trainable
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-# Policies of jax.checkpoint_policies that take no arguments.
-REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +37,13 @@ class StepOptions:
 
     Attributes:
       train_encoder: differentiate through the encoder too (else it runs outside autodiff).
-      remat: "" or a name in ``REMAT_POLICIES``: rematerialise the trained stages (the head,
-        and the encoder when it trains), each as one block with this policy. This bounds the
-        peak to the larger stage's activations; the model has no per-layer remat.
+      remat: rematerialise per module: each temporal layer, each fusion block, each chunk of
+        the head's per-frame end and, when the encoder trains, each ViT block keep only their
+        inputs for the backward pass and recompute the rest there (one more forward pass of
+        the trained parts; gradients are unchanged).
+      frames_per_chunk: frames (per device) the per-frame parts (the encoder, the head's
+        finest layers) run at a time; 0 runs all frames at once. With ``remat``, only a
+        chunk's activations are live at a time in the backward pass too.
       metric_depth: the batches' depth is metric z-depth (trained on as 1 / depth); False
         when it is already relative disparity.
       alpha, scales, trim, stable_scale: of ``losses.video_depth_loss``.
@@ -53,7 +56,8 @@ class StepOptions:
     """
 
     train_encoder: bool = False
-    remat: str = ""
+    remat: bool = False
+    frames_per_chunk: int = 0
     metric_depth: bool = True
     alpha: float = 0.5
     scales: int = 4
@@ -62,9 +66,20 @@ class StepOptions:
     clip_groups: int = 1
     frames_per_clip: int = 0
 
+    @classmethod
+    def from_config(cls, config: ConfigDict, metric_depth: bool = True, frames_per_clip: int = 0) -> StepOptions:
+        """The options a training config (``vda_jax.train.config``) sets."""
+        return cls(train_encoder=config.train_encoder, remat=config.remat, frames_per_chunk=config.frames_per_chunk,
+                   metric_depth=metric_depth, frames_per_clip=frames_per_clip, **config.loss)
+
     def __post_init__(self):
-        if self.remat and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.frames_per_chunk < 0:
+            raise ValueError(f"frames_per_chunk must be >= 0 (0: all frames at once), got {self.frames_per_chunk}")
+
+
+def training_model(model: VideoDepthAnything, precision: str, mesh: Mesh) -> VideoDepthAnything:
+    """``model`` (parameters shared) computing at ``precision`` on batches split over ``mesh``'s batch axes."""
+    return with_options(compute_model(model, precision), frame_sharding=batch_sharding(mesh))
 
 
 def disparity_target(depth: jax.Array, mask: jax.Array, metric_depth: bool) -> jax.Array:
@@ -94,32 +109,30 @@ def clips(batch: Batch, opts: StepOptions) -> Batch:
     return batch
 
 
-def train_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
-    """One optimizer step on one batch; returns the new state and the loss terms and gradient norm."""
+def loss_and_grads(model: VideoDepthAnything, batch: Batch, opts: StepOptions) -> tuple[Metrics, nnx.State]:
+    """The loss terms of one batch and the gradients of its total for the trained parameters."""
     batch = clips(batch, opts)
-    train_state: TrainState = nnx.merge(graphdef, state)
     b, t, h, w, c = batch["frames"].shape
     frames = normalize(batch["frames"]).reshape(b * t, h, w, c)
-
-    def encode(model):
-        return model.encode(frames)
-
-    def decode(model, features):
-        return model.decode(features, t, (h, w))[0]
-
-    if opts.remat:  # each stage separately: its activations are recomputed during its own backward
-        policy = getattr(jax.checkpoint_policies, opts.remat)
-        encode, decode = nnx.remat(encode, policy=policy), nnx.remat(decode, policy=policy)
+    chunk = opts.frames_per_chunk or None
     # A frozen encoder runs outside the differentiated function: no gradients, no saved activations.
-    features = None if opts.train_encoder else train_state.model.encode(frames)
+    features = None if opts.train_encoder else model.encode(frames, chunk)
 
     def loss_fn(model):
-        pred = decode(model, encode(model) if features is None else features)
+        encoded = model.encode(frames, chunk, opts.remat) if features is None else features
+        pred = model.decode(encoded, t, (h, w), frames_per_chunk=chunk, remat=opts.remat)[0]
         terms = depth_losses(pred, batch, opts)
         return terms["total"], terms
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable(opts.train_encoder)), has_aux=True)
-    (_, terms), grads = grad_fn(train_state.model)
+    (_, terms), grads = grad_fn(model)
+    return terms, grads
+
+
+def train_step(graphdef: nnx.GraphDef, opts: StepOptions, state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
+    """One optimizer step on one batch; returns the new state and the loss terms and gradient norm."""
+    train_state: TrainState = nnx.merge(graphdef, state)
+    terms, grads = loss_and_grads(train_state.model, batch, opts)
     train_state.optimizer.update(train_state.model, grads)
     metrics = {"loss": terms["total"], "spatial": terms["spatial"], "stable": terms["stable"],
                "grad_norm": optax.tree.norm(grads)}

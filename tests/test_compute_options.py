@@ -1,0 +1,68 @@
+"""Compute options of the model: attention implementations, precision, device-major frame chunks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vda_jax import precision
+from vda_jax.models.layers import attention, chunk_frames, default_attention, map_frames
+from vda_jax.models.vda import compute_model
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cudnn"])
+def test_attention_implementations_agree(implementation):
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 37, 4, 16))
+    expected = attention(q, k, v, "einsum")
+    # cuDNN cannot run on CPU: "cudnn" falls back to XLA's implementation there.
+    np.testing.assert_allclose(attention(q, k, v, implementation), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        attention(q, k, v, "flash")
+
+
+def test_defaults_per_backend():
+    assert [default_attention(b) for b in ("cpu", "gpu", "tpu")] == ["einsum", "cudnn", "xla"]
+    assert [precision.default_precision(b) for b in ("cpu", "gpu")] == ["fp32", "bf16"]
+    assert chunk_frames(100, 0) == 1 and chunk_frames(100, 1000) == 10
+
+
+def test_fp32_matmuls_run_at_highest_precision():
+    x = jnp.ones((4, 4))
+
+    def matmul(name):
+        with jax.default_matmul_precision("default"):  # what a GPU run would otherwise get
+            with jax.default_matmul_precision(precision.matmul_precision(name)):
+                return jax.jit(lambda a: a @ a).lower(x).as_text()
+
+    assert "[HIGHEST, HIGHEST]" in matmul("fp32") and "[HIGH, HIGH]" in matmul("tf32")
+    assert precision.compute_dtype("bf16") == jnp.bfloat16 and precision.matmul_precision("bf16") is None
+    with pytest.raises(ValueError, match=r"unknown precision 'fp16'; choose one of \['fp32', 'tf32', 'bf16'\]"):
+        precision.compute_dtype("fp16")
+
+
+def test_sharded_map_frames_is_device_major():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    x = jax.device_put(jnp.arange(8 * 6 * 3, dtype=jnp.float32).reshape(48, 3), sharding)
+
+    def fn(a):
+        return jnp.tanh(a) * a.sum(axis=-1, keepdims=True)
+
+    for chunk in (1, 4):  # 4 leaves a padded last chunk (6 frames per device)
+        run = jax.jit(lambda a, c=chunk: map_frames(fn, a, c, sharding))
+        np.testing.assert_allclose(run(x), fn(x), rtol=1e-6)
+        assert "all-gather" not in run.lower(x).compile().as_text()
+    # Without the sharding, the loop gathers frames from other devices.
+    assert "all-gather" in jax.jit(lambda a: map_frames(fn, a, 1)).lower(x).compile().as_text()
+
+
+def test_model_at_fp32_runs_every_matmul_at_highest(tiny_model):
+    model = compute_model(tiny_model, "fp32")
+    graphdef, params = nnx.split(model)
+    frames = jnp.zeros((1, 28, 28, 3))
+    with jax.default_matmul_precision("default"):  # a GPU's default: TF32
+        text = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(x)).lower(params, frames).as_text()
+    assert "[HIGHEST, HIGHEST]" in text and "DEFAULT" not in text
