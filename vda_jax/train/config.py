@@ -21,9 +21,9 @@ from ml_collections import config_dict
 from vda_jax.config import ENCODERS, ModelConfig, model_config
 from vda_jax.data.pipeline import DataConfig
 from vda_jax.inference.window import WINDOW_FRAMES
+from vda_jax.precision import check_precision
 from vda_jax.train.optimizer import learning_rates
 from vda_jax.train.sharding import TENSOR_RULES
-from vda_jax.train.step import REMAT_POLICIES
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -187,9 +187,9 @@ def validate(config: config_dict.ConfigDict) -> None:
             raise ValueError(f"{key} must be >= {low}, got {_get(c, key)}")
     if c.checkpoint.best_mode not in ("min", "max"):
         raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {c.checkpoint.best_mode!r}")
-    if c.remat and c.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be '' or one of {REMAT_POLICIES}, got {c.remat!r}")
-    compute_dtype(c.dtype)
+    if c.frames_per_chunk < 0:
+        raise ValueError(f"frames_per_chunk must be >= 0 (0: all frames at once), got {c.frames_per_chunk}")
+    check_precision(c.precision)
     learning_rates(c.optimizer, c.total_steps)  # checks the warm-up against total_steps
     model = model_config_from(c.model)
     if model.num_frames < WINDOW_FRAMES:
