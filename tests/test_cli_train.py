@@ -116,7 +116,8 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
                               ("model.num_frames=8", "model.num_frames 8 is below the 32-frame inference window"),
                               ("data.clip_frames=40", "data.clip_frames 40 exceeds model.num_frames 32"),
                               ("data.crop_size=(50,50)", "crop_size must be two positive multiples of 14"),
-                              ("remat='all'", "remat must be '' or one of"),
+                              ("frames_per_chunk=-1", "frames_per_chunk must be >= 0"),
+                              ("precision=fp16", "unknown precision 'fp16'"),
                               ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'")]:
         code, err = train("--config", "synthetic_tiny", override)
         assert code == 1 and message in err, (override, err)
