@@ -2,8 +2,11 @@
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compiled programs are shared within a test session, not with the user's cache.
+os.environ.setdefault("VDA_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="vda-jax-xla-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -9,7 +9,7 @@ from vda_jax.convert.readers import read_checkpoint
 from vda_jax.config import ModelConfig
 from vda_jax.inference import video, window
 from vda_jax.inference.preprocess import network_size
-from vda_jax.models.vda import VideoDepthAnything
+from vda_jax.models.vit import DinoVisionTransformer
 
 CASES = ["n75_72x96_s70", "n20_72x96_s70", "n54_64x64_s56"]
 
@@ -43,21 +43,22 @@ def test_lazy_frames_and_no_recompile_across_lengths(tiny_model, fixtures):
     assert lazy.shape == (47, 72, 96)
 
 
-def test_reused_frames_are_not_encoded_again(tiny_model, fixtures, monkeypatch):
+def test_every_frame_is_encoded_once(tiny_model, fixtures, monkeypatch):
     encoded = []
-    original = VideoDepthAnything.encode
+    original = DinoVisionTransformer.__call__
 
-    def counting_encode(self, frames, frames_per_chunk=None):
-        encoded.append(frames.shape[0])  # runs at trace time: the compiled step's batch
-        return original(self, frames, frames_per_chunk)
+    def counting_encoder(self, images, remat=False):
+        jax.debug.callback(lambda n: encoded.append(int(n)), images.shape[0])  # runs when the encoder runs
+        return original(self, images, remat)
 
-    monkeypatch.setattr(VideoDepthAnything, "encode", counting_encode)
+    monkeypatch.setattr(DinoVisionTransformer, "__call__", counting_encoder)
     video._compiled.cache_clear()
     frames = np.load(fixtures / "tiny_video.npz")["n54_64x64_s56_frames"]
     video.infer_video_depth(tiny_model, frames, input_size=56)
+    jax.effects_barrier()
     video._compiled.cache_clear()
-    # start_video encodes the first 10 frames, each window step only its 22 new ones.
-    assert sorted(encoded) == [window.OVERLAP_FRAMES, window.STRIDE]
+    # 3 windows: 32 frames, 22 new ones, then only padding (copies of frame 53, not encoded again).
+    assert sum(encoded) == len(frames) == 54
 
 
 def test_batched_equals_one_by_one_on_8_devices(tiny_model):

@@ -38,6 +38,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int | None:
+    from vda_jax import compilation_cache
     from vda_jax.data.files import check_output_folder
     from vda_jax.train.config import load_config, resume_changes
     from vda_jax.train.coordination import Interrupted
@@ -50,7 +51,7 @@ def _train(args: argparse.Namespace) -> int | None:
         with open(previous) as f:
             for change in resume_changes(f.read(), config):
                 print(f"config changed since the last start: {change}")
-    _enable_compilation_cache()  # a resumed run skips recompiling its steps
+    compilation_cache.enable()  # a resumed run skips recompiling its steps
     try:
         train(config, args.workdir)
     except NonFiniteLossError as e:
@@ -127,6 +128,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _infer(args: argparse.Namespace) -> int:
     import jax
 
+    from vda_jax import compilation_cache
     from vda_jax.assets import SAMPLE_VIDEO
     from vda_jax.inference import files
     from vda_jax.io.video import expand_inputs
@@ -142,7 +144,7 @@ def _infer(args: argparse.Namespace) -> int:
     if args.onnx and args.checkpoint:
         raise ValueError("give --checkpoint or --onnx, not both")
     maybe_initialize_distributed()  # several processes split the inputs, each on its own devices
-    _enable_compilation_cache()
+    compilation_cache.enable()
     if args.onnx:
         from vda_jax.runtime.model import ExportedModel
 
@@ -262,15 +264,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def _enable_compilation_cache() -> None:
-    """Compiled steps persist on disk, so a second run with the same shapes starts fast."""
-    import jax
-
-    cache = os.environ.get("VDA_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vda-jax", "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _load_model(checkpoint: str | None):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vda_jax import compilation_cache
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size, preprocess
 from vda_jax.models.temporal import Cache
@@ -105,6 +106,7 @@ def stream_step(model: VideoDepthAnything, state: StreamState, frame: jax.Array,
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, net_size: tuple[int, int]):
     """Jitted (start, step) for one model graph and network size; shapes key their own traces."""
+    compilation_cache.enable()
 
     def start(params, frame):
         return start_stream(nnx.merge(graphdef, params), frame, net_size)

@@ -21,12 +21,12 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vda_jax import compilation_cache
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size
 from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
@@ -109,8 +109,20 @@ class _Slot:
         """Stops reading (the decode thread ends before this returns)."""
         self.frames.close()
 
-    def take(self, count: int) -> np.ndarray:
-        """The next ``count`` frames, the last real frame repeated once the video has ended."""
+    def next_window(self, placeholder: np.ndarray) -> tuple[np.ndarray, int]:
+        """The inputs of the slot's next window ``[32, H, W, 3]`` and how many are real frames.
+
+        A video's first window reads 32 frames; a later one reads its 22 new frames behind
+        ``placeholder`` (``[10, H, W, 3]``, never read: those inputs' features are carried).
+        """
+        if self.window == 0:
+            return self.take(window.WINDOW_FRAMES)
+        frames, real = self.take(window.STRIDE)
+        return np.concatenate([placeholder, frames]), window.OVERLAP_FRAMES + real
+
+    def take(self, count: int) -> tuple[np.ndarray, int]:
+        """The next ``count`` frames (the last real frame repeated once the video has ended) and
+        how many of them are real."""
         out = []
         for frame in itertools.islice(self.frames, count):
             if frame.shape != (*self.frame_size, 3):
@@ -120,9 +132,9 @@ class _Slot:
             self.read += 1
         if self.last is None and not out:
             raise ValueError(f"{self.job.name}: the video has no frames")
-        self.last = out[-1] if out else self.last
-        out.extend([self.last] * (count - len(out)))
-        return np.stack(out)
+        self.last, real = (out[-1] if out else self.last), len(out)
+        out.extend([self.last] * (count - real))
+        return np.stack(out), real
 
     @property
     def has_next_window(self) -> bool:
@@ -145,39 +157,23 @@ def padded_slots(slots: int, mesh: jax.sharding.Mesh) -> int:
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tuple[int, int], slots: int,
                    mesh: jax.sharding.Mesh):
-    """Jitted (init, start, step) for one model graph, frame size and slot count (a multiple of the
-    mesh's devices); built once. ``start`` encodes a video's first frames on its slot's device only."""
+    """The jitted window step for one model graph, frame size and slot count (a multiple of the
+    mesh's devices); built once: every window of every video of the size runs it."""
+    compilation_cache.enable()
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    local_slots = slots // mesh.size
 
-    def init(params):
-        return window.empty_state(nnx.merge(graphdef, params), slots, net_size, frame_size)
-
-    def start_local(params, state, slot, frames):
-        local = slot - jax.lax.axis_index("data") * local_slots
-
-        def encode(state):
-            return window.start_video(nnx.merge(graphdef, params), state, local, frames, net_size)
-
-        return jax.lax.cond((local >= 0) & (local < local_slots), encode, lambda state: state, state)
-
-    start = jax.shard_map(start_local, mesh=mesh, in_specs=(P(), P("data"), P(), P()), out_specs=P("data"))
-
-    def step(params, state, frames, first):
+    def step(params, state, frames, first, real):
         model = nnx.merge(graphdef, params)
         if mesh.size > 1:  # the per-frame chunks take frames from every device at once
             model = with_options(model, frame_sharding=sharded)
-        return window.window_step(model, state, frames, first, net_size)
+        return window.window_step(model, state, frames, first, real, net_size)
 
-    return (jax.jit(init, out_shardings=sharded),
-            jax.jit(start, in_shardings=(replicated, sharded, replicated, replicated), out_shardings=sharded,
-                    donate_argnums=1),
-            jax.jit(step, in_shardings=(replicated, sharded, sharded, sharded), out_shardings=(sharded, sharded),
-                    donate_argnums=1))
+    return jax.jit(step, in_shardings=(replicated, sharded, sharded, sharded, sharded),
+                   out_shardings=(sharded, sharded), donate_argnums=1)
 
 
 class WindowRunner:
-    """The compiled start and window steps for one frame size and slot count.
+    """The compiled window step for one frame size and slot count.
 
     The slots are split over as many of ``devices`` (default: this process's, so processes run
     independently) as there are slots, and padded to a multiple of that count with idle slots.
@@ -191,14 +187,13 @@ class WindowRunner:
         self.frame_size, self.net_size, self.slots = frame_size, net_size, padded_slots(slots, mesh)
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
-        init, self._start, self._step = _compiled(graphdef, frame_size, net_size, self.slots, mesh)
-        self.state = init(self.params)
+        self._step = _compiled(graphdef, frame_size, net_size, self.slots, mesh)
+        state = window.empty_state(model, self.slots, net_size, frame_size)
+        self.state = jax.device_put(state, NamedSharding(mesh, P("data")))
 
-    def start(self, slot: int, frames: np.ndarray) -> None:
-        self.state = self._start(self.params, self.state, jnp.int32(slot), frames)
-
-    def step(self, frames: np.ndarray, first: np.ndarray) -> window.WindowOutput:
-        self.state, out = self._step(self.params, self.state, frames, first)
+    def step(self, frames: np.ndarray, first: np.ndarray, real: np.ndarray) -> window.WindowOutput:
+        """Runs one window of every slot (``window.window_step``); returns without waiting for it."""
+        self.state, out = self._step(self.params, self.state, frames, first, real)
         return out
 
 
@@ -227,22 +222,19 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
         if slots[i]:
             slots[i].close()
         slots[i] = None
-        while slots[i] is None and (job := next(jobs, None)) is not None:
-            slots[i] = _Slot(next(counter), job, runner.frame_size)
-            try:
-                runner.start(i, slots[i].take(window.OVERLAP_FRAMES))
-            except (ValueError, OSError) as e:
-                fail(i, e)
+        if (job := next(jobs, None)) is not None:
+            slots[i] = _Slot(next(counter), job, runner.frame_size)  # starts decoding it
 
-    def next_frames(i: int) -> np.ndarray:
+    def next_frames(i: int) -> tuple[np.ndarray, int]:
         while slots[i]:
             try:
-                return slots[i].take(window.STRIDE)
+                return slots[i].next_window(placeholder)
             except (ValueError, OSError) as e:
                 fail(i, e)
-        return idle
+        return idle, 0
 
-    idle = np.zeros((window.STRIDE, *runner.frame_size, 3), np.uint8)
+    idle = np.zeros((window.WINDOW_FRAMES, *runner.frame_size, 3), np.uint8)
+    placeholder = idle[:window.OVERLAP_FRAMES]
     try:
         for i in range(runner.slots):
             assign(i)
@@ -260,9 +252,9 @@ def _run_slots(runner: WindowRunner, slots: list[_Slot | None], assign: Callable
     while any(slots) or in_flight:
         dispatched = None
         if any(slots):
-            frames = np.stack([next_frames(i) for i in range(runner.slots)])
+            frames, real = zip(*(next_frames(i) for i in range(runner.slots)))  # may move a slot on
             first = np.array([bool(s) and s.window == 0 for s in slots])
-            out = runner.step(frames, first)
+            out = runner.step(np.stack(frames), first, np.array(real, np.int32))
             info = []
             for i, s in enumerate(slots):
                 if s:

@@ -3,7 +3,10 @@
 Windows of 32 frames start every 22 frames. From the second window on, the
 first 10 inputs are the previous window's inputs at ``KEYFRAMES``; since the
 encoder is per-frame, their features are carried over instead of recomputed,
-so each step encodes only its 22 new frames. The head then runs on all 32.
+so each step encodes only its 22 new frames (a video's first window all of its
+32), and past a video's end only its real frames: the official padding repeats
+the last frame, whose features are copied. The head then runs on all 32. One
+compiled step serves every window of every video of a frame size.
 
 Relative models are aligned window to window: a least-squares scale and shift
 maps the window's depths of its first two inputs (video frame 0 and the
@@ -91,40 +94,54 @@ def align_window(depth: jax.Array, reference: jax.Array, pending: jax.Array, fir
 
 def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int],
                 frame_size: tuple[int, int]) -> WindowState:
-    """Zeros of the right shapes for ``slots`` videos (filled by ``start_video``)."""
+    """Host zeros of the right shapes for ``slots`` videos (a slot's first window ignores them)."""
     config, (height, width) = model.config, net_size
     grid = (height // config.patch_size, width // config.patch_size, config.embed_dim)
-    key_features = tuple(jnp.zeros((slots, OVERLAP_FRAMES, *grid), model.encoder.dtype)
+    key_features = tuple(np.zeros((slots, OVERLAP_FRAMES, *grid), model.encoder.dtype)
                          for _ in config.intermediate_layers)
-    return WindowState(key_features, jnp.zeros((slots, ALIGN_FRAMES, *frame_size), jnp.float32),
-                       jnp.zeros((slots, INTERP_FRAMES, *frame_size), jnp.float32))
+    return WindowState(key_features, np.zeros((slots, ALIGN_FRAMES, *frame_size), np.float32),
+                       np.zeros((slots, INTERP_FRAMES, *frame_size), np.float32))
 
 
-def start_video(model: VideoDepthAnything, state: WindowState, slot: jax.Array, frames: jax.Array,
-                net_size: tuple[int, int]) -> WindowState:
-    """Encodes a video's first 10 frames (uint8 ``[10, H, W, 3]``) into slot ``slot``."""
-    features = model.encode(preprocess(frames, net_size), model.frames_per_chunk(net_size))
-    key_features = tuple(k.at[slot].set(f.astype(k.dtype)) for k, f in zip(state.key_features, features))
-    return state._replace(key_features=key_features)
+def encoded_positions(first: jax.Array, real: jax.Array) -> jax.Array:
+    """Which window inputs a step encodes: bool ``[B, 32]``.
+
+    A slot's first window encodes its real inputs; a later one only its real new ones
+    (from index 10 on: the first 10 are the previous window's, carried as features).
+    """
+    position = jnp.arange(WINDOW_FRAMES)
+    return (position < real[:, None]) & (first[:, None] | (position >= OVERLAP_FRAMES))
 
 
 def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array, first: jax.Array,
-                net_size: tuple[int, int]) -> tuple[WindowState, WindowOutput]:
+                real: jax.Array, net_size: tuple[int, int]) -> tuple[WindowState, WindowOutput]:
     """One window for every slot.
 
     Args:
-      state: carried from the previous window (or ``start_video``).
-      frames: uint8 ``[B, 22, H, W, 3]``, each slot's 22 new frames.
+      state: carried from the previous window (a slot's first window ignores it).
+      frames: uint8 ``[B, 32, H, W, 3]``, each slot's window inputs; when the slot continues
+        a video the first 10 are not read (their features come from ``state``).
       first: bool ``[B]``, the slot's first window.
+      real: int32 ``[B]``, how many inputs are frames of the video (0: an idle slot). The
+        rest repeat the last one (the official padding), so they are not encoded: the
+        encoder is per-frame and their features are copies of the last frame's.
       net_size: network input (h, w), multiples of 14.
     """
     b, t, height, width, _ = frames.shape
-    chunk = model.frames_per_chunk(net_size)
-    new = model.encode(preprocess(frames, net_size).reshape(b * t, *net_size, 3), chunk)
-    features = tuple(jnp.concatenate([k, f.reshape(b, t, *f.shape[1:]).astype(k.dtype)], axis=1)
-                     for k, f in zip(state.key_features, new))
-    depth, _ = model.decode(tuple(f.reshape(b * WINDOW_FRAMES, *f.shape[2:]) for f in features),
-                            WINDOW_FRAMES, net_size, frames_per_chunk=chunk)
+    encoded = model.encode(frames.reshape(b * t, height, width, 3), model.frames_per_chunk(net_size),
+                           active=encoded_positions(first, real).reshape(-1),
+                           prepare=lambda x: preprocess(x, net_size))
+    source = jnp.maximum(jnp.minimum(jnp.arange(t), real[:, None] - 1), 0)  # [B, 32]: the padding's copies
+
+    def window_features(carried: jax.Array, new: jax.Array) -> jax.Array:
+        new = new.reshape(b, t, *new.shape[1:]).astype(carried.dtype)
+        head = jnp.where(first[:, None, None, None, None], new[:, :OVERLAP_FRAMES], carried)
+        features = jnp.concatenate([head, new[:, OVERLAP_FRAMES:]], axis=1)
+        return jax.vmap(lambda f, i: f[i])(features, source)
+
+    features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
+    depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features),
+                            WINDOW_FRAMES, net_size, frames_per_chunk=model.frames_per_chunk(net_size))
     depth = resize_bilinear_align_corners(depth, (height, width), axes=(-2, -1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, None))
     final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)

@@ -68,7 +68,7 @@ def checkpointed(fn: Callable[..., Any], remat: bool) -> Callable[..., Any]:
 
 
 def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None,
-               sharding: NamedSharding | None = None) -> Any:
+               sharding: NamedSharding | None = None, active: jax.Array | None = None) -> Any:
     """``fn(xs)`` for a per-frame ``fn``, run ``frames_per_chunk`` frames (per device) at a time.
 
     ``xs`` is a pytree of arrays sharing a leading frame axis, as is ``fn``'s output.
@@ -81,6 +81,10 @@ def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None,
     device-major (``[N] -> [N / devices, devices]``) before the loop and every chunk
     takes its frames from all devices at once, so each device only ever touches its
     own frames: no collectives run in the loop.
+
+    ``active``: bool ``[N]``, the frames whose outputs are used, or None (all). Chunks
+    without an active frame are skipped and give zeros, so padding frames cost nothing
+    when frames run in chunks; the outputs of active frames do not depend on it.
     """
     frames = jax.tree.leaves(xs)[0].shape[0]
     shards = 1 if sharding is None else _blocks(sharding)
@@ -110,7 +114,19 @@ def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None,
     def step(x):  # x: frames [shards * chunk, ...], ``chunk`` from each device
         return jax.tree.map(constrain, fn(jax.tree.map(constrain, x)))
 
-    return jax.tree.map(frame_major, jax.lax.map(step, jax.tree.map(device_major, xs)))
+    chunks = jax.tree.map(device_major, xs)
+    if active is None:
+        return jax.tree.map(frame_major, jax.lax.map(step, chunks))
+    # Whether each chunk runs is decided before the loop, so the loop holds no collectives.
+    run = jnp.any(device_major(active), axis=1)
+    skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(step, jax.tree.map(lambda a: a[0], chunks)))
+
+    def maybe_step(args):
+        x, run_chunk = args
+        return jax.lax.cond(run_chunk, step, lambda x: skipped, x)
+
+    return jax.tree.map(frame_major, jax.lax.map(maybe_step, (chunks, run)))
 
 
 def _blocks(sharding: NamedSharding) -> int:

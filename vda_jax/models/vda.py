@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import chex
 import jax
@@ -60,15 +61,21 @@ class VideoDepthAnything(nnx.Module):
         """Frames the per-frame parts take at a time at ``net_size`` so they stay within ``chunk_bytes``."""
         return chunk_frames(frame_bytes(self.config, net_size, self.encoder.dtype), self.chunk_bytes)
 
-    def encode(self, frames: jax.Array, frames_per_chunk: int | None = None,
-               remat: bool = False) -> tuple[jax.Array, ...]:
+    def encode(self, frames: jax.Array, frames_per_chunk: int | None = None, remat: bool = False,
+               active: jax.Array | None = None,
+               prepare: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, ...]:
         """Per-frame encoder features: ``[N, H, W, 3]`` -> four ``[N, H/14, W/14, E]``.
 
         ``frames_per_chunk`` frames (per frame shard) go through the encoder at a time
         (``map_frames``); ``remat`` rematerialises each block in the backward pass.
+        ``active`` (bool ``[N]``): only these frames' features are needed (``map_frames``).
+        ``prepare``: applied to each chunk first (e.g. uint8 frames -> network input), so
+        skipped frames are not prepared either.
         """
+        prepare = prepare or (lambda x: x)
         with self._precision():
-            return map_frames(lambda x: self.encoder(x, remat), frames, frames_per_chunk, self.frame_sharding)
+            return map_frames(lambda x: self.encoder(prepare(x), remat), frames, frames_per_chunk,
+                              self.frame_sharding, active)
 
     def decode(self, features: tuple[jax.Array, ...], num_frames: int, image_size: tuple[int, int],
                cache: Cache | None = None, frames_per_chunk: int | None = None,
