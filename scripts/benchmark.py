@@ -8,6 +8,17 @@ in a fresh process. With ``--official REPO --torch-python PY`` the official
 PyTorch pipeline is timed on the same generated frames (it must hold them all).
 
   python scripts/benchmark.py --encoder vits --input-size 280 --frames 300 --rss-frames 300 3000
+
+``--clip VIDEO`` runs a real file end to end the way the official ``run.py`` does
+(read, infer, write the source and depth videos), with the same random weights on
+both sides (the official model's, converted), and reports for each: the first call
+in a fresh process, a second fresh process (ours: warm compilation cache), the
+steady frames/s of a repeated call, the time of each stage, and the largest
+difference of the depths. ``--streaming`` does the same for the streaming modes
+(per-frame latency).
+
+  python scripts/benchmark.py --clip davis.mp4 --input-size 140 --official REPO --torch-python PY
+  python scripts/benchmark.py --clip davis.mp4 --input-size 140 --streaming --official REPO --torch-python PY
 """
 
 from __future__ import annotations
@@ -67,17 +78,16 @@ def measure_step(args) -> dict:
 
     model = _model(args.encoder, args.precision)
     frame_size = (args.height, args.width)
-    frames = np.stack(list(generated_frames(window.STRIDE, *frame_size)))[None]
-    first = np.array([False])
+    frames = np.stack(list(generated_frames(window.WINDOW_FRAMES, *frame_size)))[None]
+    first, real = np.array([False]), np.array([window.WINDOW_FRAMES], np.int32)  # a later window: 22 new frames
     t0 = time.perf_counter()
     runner = WindowRunner(model, frame_size, network_size(frame_size, args.input_size), slots=1)
-    runner.start(0, frames[0, :window.OVERLAP_FRAMES])
-    jax.block_until_ready(runner.step(frames, first))
+    jax.block_until_ready(runner.step(frames, first, real))
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        jax.block_until_ready(runner.step(frames, first))
+        jax.block_until_ready(runner.step(frames, first, real))
         times.append(time.perf_counter() - t)
     return {"compile_and_first_step_s": round(compile_s, 2), "net_size": list(runner.net_size),
             "step_ms_per_frame": round(1000 * float(np.median(times)) / window.STRIDE, 2)}
@@ -142,6 +152,214 @@ print(json.dumps(dict(frames=len(depth), seconds=round(s, 2), fps=round(len(dept
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_TORCHVISION_STUB = """
+import sys, types
+tv = types.ModuleType('torchvision'); tr = types.ModuleType('torchvision.transforms')
+class Compose:
+    def __init__(self, transforms): self.transforms = transforms
+    def __call__(self, sample):
+        for t in self.transforms: sample = t(sample)
+        return sample
+tr.Compose = Compose; tv.transforms = tr
+sys.modules['torchvision'] = tv; sys.modules['torchvision.transforms'] = tr
+"""
+
+_OFFICIAL_CLIP = """
+import json, os, sys, time, numpy as np, torch
+sys.path.insert(0, {official!r})
+from utils.dc_utils import read_video_frames, save_video
+from video_depth_anything.video_depth import VideoDepthAnything
+from video_depth_anything.video_depth_stream import VideoDepthAnything as StreamingModel
+cfg = dict(vits=dict(features=64, out_channels=[48, 96, 192, 384]),
+           vitb=dict(features=128, out_channels=[96, 192, 384, 768]),
+           vitl=dict(features=256, out_channels=[256, 512, 1024, 1024]))[{encoder!r}]
+torch.manual_seed(0)
+model = (StreamingModel if {streaming!r} else VideoDepthAnything)(encoder={encoder!r}, **cfg).eval()
+if not os.path.exists({weights!r}):
+    torch.save(model.state_dict(), {weights!r})
+
+def clip():
+    t0 = time.perf_counter()
+    frames, fps = read_video_frames({clip!r}, {max_len!r}, -1, 1280)
+    t1 = time.perf_counter()
+    if {streaming!r}:
+        model.transform = None; model.frame_cache_list = []; model.frame_id_list = []; model.id = -1
+        latency, depths = [], []
+        for frame in frames:
+            t = time.perf_counter()
+            depths.append(model.infer_video_depth_one(frame, input_size={input_size!r}, device='cpu', fp32=True))
+            latency.append(time.perf_counter() - t)
+        depths = np.stack(depths)
+    else:
+        depths, fps = model.infer_video_depth(frames, fps, input_size={input_size!r}, device='cpu', fp32=True)
+        latency = []
+    t2 = time.perf_counter()
+    save_video(frames, os.path.join({out!r}, 'src.mp4'), fps=fps)
+    save_video(depths, os.path.join({out!r}, 'vis.mp4'), fps=fps, is_depths=True)
+    t3 = time.perf_counter()
+    return depths, dict(seconds=t3 - t0, read_s=t1 - t0, infer_s=t2 - t1, write_s=t3 - t2, frames=len(depths),
+                        latency_ms=1000 * float(np.median(latency[2:])) if latency else None)
+
+depths, first = clip()
+np.save({depths_path!r}, depths.astype(np.float32))
+_, again = clip()
+print(json.dumps(dict(first_call=first, steady=again, torch_threads=torch.get_num_threads())))
+"""
+
+
+def official_clip(args, weights: str, depths_path: str) -> dict:
+    """The official pipeline on ``args.clip`` in a fresh process: first and repeated call, per stage."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        code = _TORCHVISION_STUB + _OFFICIAL_CLIP.format(
+            official=os.path.abspath(args.official), encoder=args.encoder, streaming=args.streaming, weights=weights,
+            clip=os.path.abspath(args.clip), max_len=args.max_len, input_size=args.input_size, out=out,
+            depths_path=depths_path)
+        run = subprocess.run([args.torch_python, "-c", code], capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"the official pipeline failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+class _Stages:
+    """Wall time spent in the pipeline's stages (they overlap: decoding runs in its own thread)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, name: str, fn):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    def timed_iter(self, name: str, iterable):
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            yield item
+
+
+def measure_clip(args) -> dict:
+    """Ours on ``args.clip`` as ``vda-jax infer`` runs it (a child process): first and repeated call, per stage.
+
+    Stages: decode (the decoder, in the decode thread), src_encode (the source video, same
+    thread), device_wait (the main thread waiting for depths: compute not hidden behind the
+    host), depth_write (colour map and encoding of the depth video), rest (dispatch, copies).
+    """
+    import tempfile
+
+    from vda_jax.convert.convert import convert_state_dict
+    from vda_jax.convert.readers import read_checkpoint
+
+    from vda_jax.inference import files, video
+    from vda_jax.io import video as io_video
+
+    stages = _Stages()
+    read_frames = io_video.read_frames
+    files.read_frames = lambda *a, **k: stages.timed_iter("decode", read_frames(*a, **k))
+    files.VideoWriter.write = stages.timed("src_encode", files.VideoWriter.write)
+    write = files.VideoOutputs.write
+
+    def keep_and_write(self, depth):
+        depths.append(np.array(depth))  # untimed: only for the comparison with the official depths
+        stages.seconds["depth_write"] = stages.seconds.get("depth_write", 0.0) - time.perf_counter()
+        write(self, depth)
+        stages.seconds["depth_write"] += time.perf_counter()
+
+    files.VideoOutputs.write = keep_and_write
+    files.VideoOutputs.close = stages.timed("depth_write", files.VideoOutputs.close)
+    collect = video._collect
+
+    def timed_collect(out, info, on_frames):
+        start = time.perf_counter()
+        out.final.block_until_ready()
+        stages.seconds["device_wait"] = stages.seconds.get("device_wait", 0.0) + time.perf_counter() - start
+        return collect(out, info, on_frames)
+
+    video._collect = timed_collect
+    model = convert_state_dict(read_checkpoint(args.weights), _model(args.encoder, "fp32").config)
+    depths = []
+    def clip() -> dict:
+        stages.seconds.clear()
+        depths.clear()
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            report = files.infer_files(model, [args.clip], files.OutputOptions(out),
+                                       files.ReadOptions(max_len=args.max_len), input_size=args.input_size,
+                                       precision="fp32", progress=False, streaming=args.streaming)
+            seconds = time.perf_counter() - start
+            assert report.written == [args.clip], report
+        timing = {"seconds": seconds, "frames": sum(map(len, depths)),
+                  **{k: round(v, 3) for k, v in stages.seconds.items()}}
+        timing["rest"] = round(seconds - sum(stages.seconds.get(k, 0.0) for k in ("device_wait", "depth_write")), 3)
+        return timing
+
+    first = clip()
+    result = {"first_call": first}
+    if args.depths:
+        expected = np.load(args.depths)
+        ours = np.concatenate([d.reshape(-1, *d.shape[-2:]) for d in depths])
+        result["max_rel_diff_vs_official"] = float(np.abs(ours - expected).max() / np.abs(expected).max())
+    if args.streaming:
+        from vda_jax.inference import stream
+
+        latencies = []
+        stream_step = stream.StreamingDepth.step
+
+        def timed_step(self, frame):
+            start = time.perf_counter()
+            try:
+                return stream_step(self, frame)
+            finally:
+                latencies.append(time.perf_counter() - start)
+
+        stream.StreamingDepth.step = timed_step
+    result["steady"] = clip()
+    if args.streaming:
+        result["steady"]["latency_ms"] = 1000 * float(np.median(latencies[2:]))
+    return result
+
+
+def clip_report(args) -> dict:
+    """Ours (a cold and a warm fresh process) against the official pipeline (a fresh process) on one clip."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, depths_path = os.path.join(tmp, "weights.pth"), os.path.join(tmp, "official_depths.npy")
+        report = {"clip": args.clip, "encoder": args.encoder, "input_size": args.input_size, "max_len": args.max_len,
+                  "streaming": args.streaming, "official": official_clip(args, weights, depths_path)}
+        print(json.dumps({"official": report["official"]}), flush=True)
+        env = {**os.environ, "VDA_JAX_CACHE_DIR": os.path.join(tmp, "xla")}  # empty: the first process compiles
+        for run in ("cold_process", "warm_process"):
+            cmd = [sys.executable, __file__, "--only", "clip", "--clip", args.clip, "--weights", weights,
+                   "--depths", depths_path, "--encoder", args.encoder, "--input-size", str(args.input_size),
+                   "--max-len", str(args.max_len)] + (["--streaming"] if args.streaming else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise RuntimeError(f"{run} failed:\n{out.stderr[-3000:]}")
+            report[run] = json.loads(out.stdout.splitlines()[-1])
+            print(json.dumps({run: report[run]}), flush=True)
+    official, cold, warm = report["official"], report["cold_process"], report["warm_process"]
+    report["speedup"] = {  # the whole clip (read, infer, write); the official pipeline has nothing to compile
+        "first_process": official["first_call"]["seconds"] / cold["first_call"]["seconds"],
+        "second_process": official["first_call"]["seconds"] / warm["first_call"]["seconds"],
+        "steady": official["steady"]["seconds"] / warm["steady"]["seconds"]}
+    if args.streaming:
+        report["speedup"]["steady_latency"] = official["steady"]["latency_ms"] / warm["steady"]["latency_ms"]
+    return report
+
+
 def _child(args, mode: str, frames: int) -> dict:
     """Runs one measurement in a fresh process, so each starts from the same memory and compile state."""
     cmd = [sys.executable, __file__, "--only", mode, "--frames", str(frames), "--repeats", str(args.repeats)] + [
@@ -163,11 +381,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--official", help="path to the official Video-Depth-Anything checkout")
     parser.add_argument("--torch-python", help="a Python with torch and cv2 for --official")
-    parser.add_argument("--only", choices=("step", "video"), help=argparse.SUPPRESS)
+    parser.add_argument("--clip", help="a video file to run end to end against the official pipeline")
+    parser.add_argument("--max-len", type=int, default=-1, help="--clip: frames to read (-1: all)")
+    parser.add_argument("--streaming", action="store_true", help="--clip: the streaming modes")
+    parser.add_argument("--only", choices=("step", "video", "clip"), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--depths", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.only:  # a child process of main()
-        print(json.dumps(measure_step(args) if args.only == "step" else measure_video(args, args.frames)))
+        measure = {"step": measure_step, "clip": measure_clip}.get(args.only)
+        print(json.dumps(measure(args) if measure else measure_video(args, args.frames)))
+        return
+    if args.clip:
+        if not (args.official and args.torch_python):
+            parser.error("--clip compares with the official pipeline: give --official and --torch-python")
+        print(json.dumps(clip_report(args), indent=2))
         return
     report = {"encoder": args.encoder, "input_size": args.input_size, "frame_size": [args.height, args.width],
               "precision": args.precision, "step": _child(args, "step", 0)}

@@ -4,7 +4,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+from flax import nnx
+
 from vda_jax import compilation_cache
+from vda_jax.inference import video, window
 
 CHILD = """
 import sys
@@ -52,3 +57,14 @@ def test_cache_directory_and_opt_out(monkeypatch, tmp_path):
     for off in ("off", "OFF", "0", "none", ""):
         monkeypatch.setenv("VDA_JAX_CACHE_DIR", off)
         assert compilation_cache.cache_dir() is None
+
+
+def test_weights_are_arguments_not_constants(tiny_model):
+    """One program (one cache entry) serves every checkpoint of an architecture."""
+    graphdef, params = nnx.split(tiny_model)
+    other = jax.tree.map(lambda a: a + 1.0, params)
+    mesh = video.slot_mesh(1, jax.devices()[:1])
+    step = video._compiled(graphdef, (28, 42), (28, 42), 1, mesh)
+    state = window.empty_state(tiny_model, 1, (28, 42), (28, 42))
+    inputs = (np.zeros((1, window.WINDOW_FRAMES, 28, 42, 3), np.uint8), np.ones(1, bool), np.ones(1, np.int32))
+    assert step.lower(params, state, *inputs).as_text() == step.lower(other, state, *inputs).as_text()
