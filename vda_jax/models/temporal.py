@@ -108,7 +108,7 @@ class TemporalAttention(nnx.Module):
             if cached is not None:
                 k = jnp.concatenate([cached[0].astype(x.dtype), k], axis=1)
                 v = jnp.concatenate([cached[1].astype(x.dtype), v], axis=1)
-            if pe is not None:
+            if pe is not None:  # no bias: to_k(x + pe) = to_k(x) + to_k(pe)
                 k = k + self.to_k(pe)[:, None, :]
                 v = v + self.to_v(pe)[:, None, :]
         if self.pe_type == "rope":
