@@ -89,7 +89,7 @@ def test_stablehlo_stream_matches_official_stream(tiny_model_dir, fixtures, tmp_
     out = str(tmp_path / "stream.stablehlo")
     meta = export_checkpoint(str(tiny_model_dir), out, ExportOptions(format="stablehlo", height=70, width=98,
                                                                       streaming=True))
-    assert [i["name"] for i in meta["inputs"]] == ["frame", "step", *(f"ring_{i}" for i in range(8))]
+    assert [i["name"] for i in meta["inputs"]] == ["frame", "step", *(f"ring_{i}" for i in range(16))]
     assert meta["inputs"][2]["shape"][:2] == [1, stream.RING_SLOTS]
     with open(out, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))

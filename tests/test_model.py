@@ -74,11 +74,12 @@ def test_sinusoidal_table_closed_form():
 
 @pytest.mark.parametrize("pe", ["ape", "rope"])
 def test_temporal_attention_with_cache_equals_the_last_row(pe):
-    """Querying one new frame against cached past frames = the last frame of full attention."""
+    """Querying one new frame against the cached keys and values of past frames = the last frame of full attention."""
     attention = TemporalAttention(16, heads=4, max_frames=8, pe=pe, rngs=nnx.Rngs(0), dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(1), (2, 5, 3, 16))  # [B, T, S, D]
-    full = attention(x)
-    last = attention(x[:, -1:], cached=x[:, :-1])
+    full, _ = attention(x)
+    _, cached = attention(x[:, :-1])
+    last, _ = attention(x[:, -1:], cached=cached)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-6)
 
 
@@ -87,7 +88,7 @@ def test_temporal_module_is_per_position_and_starts_as_identity():
     x = jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 32))
     y, cache = module(x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # zero-initialised proj_out
-    assert [c.shape for c in cache] == [(2, 4, 15, 32)] * 2
+    assert [c.shape for c in cache] == [(2, 4, 15, 32)] * 4  # keys and values of 2 attention sub-blocks
     module.proj_out.kernel[...] = jax.random.normal(jax.random.key(2), module.proj_out.kernel.shape)
     y, _ = module(x)
     # Attention runs along time only: permuting spatial positions permutes the output.

@@ -3,6 +3,7 @@
 import functools
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,27 @@ def test_bad_folders_name_the_file(tiny_model, tmp_path):
     os.makedirs(tmp_path / "out3/images")
     with pytest.raises(ValueError, match=r"out3/images exists and is not .*; choose another output folder"):
         pseudo_label.pseudo_label(tiny_model, str(tmp_path / "images/a"), str(tmp_path / "out3"))
+
+
+def test_compiles_once_per_network_size(tiny_model, tmp_path):
+    """5 image sizes sharing 2 network sizes (at an input size no other test compiles): 2 compiles."""
+    sizes = {(30, 40): (42, 56), (36, 48): (42, 56), (45, 60): (42, 56), (40, 30): (56, 42), (48, 36): (56, 42)}
+    assert {size: network_size(size, 42, limit_aspect=False) for size in sizes} == sizes
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"images/{i}_{j}.png")
+    compiles = []
+
+    def record(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(record)
+    try:
+        count = pseudo_label.pseudo_label(tiny_model, str(tmp_path / "images"), str(tmp_path / "out"), input_size=42,
+                                          batch_size=2, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(record)
+    assert count == 10 and len(compiles) == 2

@@ -35,7 +35,8 @@ class ClipStub(nnx.Module):
     def frames_per_chunk(self, net_size):
         return 1
 
-    def encode(self, frames, frames_per_chunk=None):
+    def encode(self, frames, frames_per_chunk=None, remat=False, active=None, prepare=None):
+        frames = frames if prepare is None else prepare(frames)
         n, h, w, _ = frames.shape
         mean = frames.mean(axis=(1, 2, 3))[:, None, None, None]
         return (jnp.broadcast_to(mean, (n, h // 14, w // 14, self.config.embed_dim)),) * 4

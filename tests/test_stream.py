@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from vda_jax.inference import stream
 from vda_jax.inference.stream import StreamingDepth, stream_depth
+from vda_jax.models.temporal import TemporalAttention
+from vda_jax.models.vda import compute_model
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +79,41 @@ def test_refuses_bad_frames(tiny_model, recorded):
         streamer.step(frames[1].astype(np.float32))
     with pytest.raises(ValueError, match="precision"):
         StreamingDepth(tiny_model, input_size, "fp16")
+
+
+def _recompute_from_normed_inputs(attend):
+    """The formulation before K/V caches, as a ``TemporalAttention.__call__``: a frame's cache entry is its
+    normed input (kept in the keys' slot), and every step projects the whole context with its positions
+    (the new frames' rows of attention over ``context + new``)."""
+
+    def call(self, x, cached=None):
+        frames = x if cached is None else jnp.concatenate([cached[0], x], axis=1)
+        out, _ = attend(self, frames)
+        return out[:, -x.shape[1]:], (x, x)
+
+    return call
+
+
+def _jitted_stream(model, frames, input_size):
+    """Depth of ``frames`` through fresh jitted ``start_stream`` / ``stream_step`` (traced now)."""
+    graphdef, params = nnx.split(compute_model(model, "fp32"))
+    net_size = stream.network_size(frames.shape[1:3], input_size)
+    start = jax.jit(lambda p, f: stream.start_stream(nnx.merge(graphdef, p), f, net_size))
+    step = jax.jit(lambda p, state, f: stream.stream_step(nnx.merge(graphdef, p), state, f, net_size))
+    state, depth = start(params, frames[0])
+    depths = [depth]
+    for frame in frames[1:]:
+        state, depth = step(params, state, frame)
+        depths.append(depth)
+    return np.stack(depths)
+
+
+def test_key_value_cache_equals_recomputing_from_normed_inputs(tiny_model, recorded, monkeypatch):
+    """50 frames, past the 41-frame key gap (RoPE's cache: tests/test_model.py, per attention)."""
+    frames, _, input_size = recorded
+    frames = np.concatenate([frames, frames[::-1, ::-1]])[:50]
+    streamer = StreamingDepth(tiny_model, input_size, "fp32")
+    depth = np.stack([streamer.step(frame) for frame in frames])
+    monkeypatch.setattr(TemporalAttention, "__call__", _recompute_from_normed_inputs(TemporalAttention.__call__))
+    expected = _jitted_stream(tiny_model, frames, input_size)
+    assert np.abs(depth - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -8,10 +8,12 @@ align_corners=True), with no aspect-ratio limit on the input size. The image
 ``[H, W]``, the model's output (disparity for relative models). ``output_dir/images`` is
 made a link to ``images_dir``, so ``output_dir`` is the builder's source folder.
 
-Images are batched by network input size (one compiled step per size), and the next batch
-is decoded while the device runs the last. Each label is written under a temporary name and
-renamed, and images that have a label are skipped, so an interrupted run resumes where it
-stopped.
+Images are batched by network input size, and the next batch is decoded while the device
+runs the last. Only the model runs on the device, compiled once per network input size; the
+resizes (the exact taps of ``vda_jax.ops.taps``) run on the host in NumPy, so images of many
+sizes that share a network size share one compiled step. Each label is written under a
+temporary name and renamed, and images that have a label are skipped, so an interrupted run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ import os
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
 from PIL import Image
 
+from vda_jax import compilation_cache
 from vda_jax.data import files
-from vda_jax.inference.preprocess import network_size, preprocess
+from vda_jax.inference.sizing import network_size
 from vda_jax.io.video import AtomicPath
 from vda_jax.models.vda import VideoDepthAnything, compute_model
-from vda_jax.ops.resize import resize_bilinear_align_corners
+from vda_jax.runtime.preprocess import preprocess, resize_depth
 
 
 class UnreadableImagesError(ValueError):
@@ -95,23 +97,15 @@ def _read_image(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-_network_input = jax.jit(preprocess, static_argnums=1)
-
-
 @nnx.jit
 def _predict(model: VideoDepthAnything, x: jax.Array) -> jax.Array:
     """Normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each image a one-frame clip."""
     return model(x[:, None], model.frames_per_chunk(x.shape[1:3]))[:, 0]
 
 
-@jax.jit(static_argnums=1)
-def _to_image_size(depth: jax.Array, size: tuple[int, int]) -> jax.Array:
-    return resize_bilinear_align_corners(depth, size, axes=(-2, -1))
-
-
 def _write_labels(output_dir: str, images: list[str], sizes: list[tuple[int, int]], depth: jax.Array) -> None:
-    for image, size, image_depth in zip(images, sizes, depth):
-        label = np.asarray(_to_image_size(image_depth, size)).astype(np.float16)
+    for image, size, image_depth in zip(images, sizes, np.asarray(depth)):
+        label = resize_depth(image_depth, size).astype(np.float16)
         if not np.isfinite(label).all():
             raise ValueError(f"the depth of {image} exceeds the float16 range of the labels")
         path = label_path(output_dir, image)
@@ -153,6 +147,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
     batches = [(net_size, group[i:i + batch_size])
                for net_size, group in groups.items() for i in range(0, len(group), batch_size)]
     model = compute_model(model, precision)
+    compilation_cache.enable()
 
     total = sum(len(batch) for _, batch in batches)
     labelled = 0
@@ -162,7 +157,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
             x, readable = [], []
             for image, size in batch:
                 try:
-                    x.append(_network_input(jnp.asarray(_read_image(os.path.join(images_dir, image))), net_size))
+                    x.append(preprocess(_read_image(os.path.join(images_dir, image)), net_size))
                     readable.append((image, size))
                 except ValueError as e:  # a valid header, broken data
                     unreadable.append(str(e))
@@ -171,7 +166,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
                 continue
             batch = readable
             x += x[-1:] * (batch_size - len(x))  # a full batch: one compiled step per network size
-            depth = _predict(model, jnp.stack(x))  # runs while the previous labels are written
+            depth = _predict(model, np.stack(x))  # runs while the previous labels are written
             if pending:
                 _write_labels(output_dir, *pending)
                 bar.update(len(pending[0]))

@@ -7,7 +7,7 @@ checkpoint's hash. Files appear atomically: a failed export leaves nothing.
 
 StableHLO calling convention: ``jax.export.deserialize(bytearray(data))`` gives an
 ``Exported`` whose ``.call(*inputs)`` takes the inputs in the JSON's order (the
-clip: ``frames``; the stream: ``frame, step, ring_0 .. ring_7``) and returns the
+clip: ``frames``; the stream: ``frame, step, ring_0 .. ring_15``) and returns the
 outputs in its order; the parameters are constants inside the module.
 """
 

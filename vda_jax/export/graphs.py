@@ -2,9 +2,11 @@
 
 * ``clip``: ``frames`` float32 ``[B, T, h, w, 3]`` (ImageNet-normalised RGB at the
   network size) -> ``depth`` float32 ``[B, T, h, w]``; B is dynamic, T and (h, w) fixed.
-* ``stream``: one frame with the temporal states as explicit inputs and outputs,
-  ``(frame [1, h, w, 3], step int32 [], ring_0..ring_7 [1, 42, S, D]) ->
-  (depth [1, h, w], next_step int32 [], next_ring_0..next_ring_7)``. Feed the
+* ``stream``: one frame with the temporal caches as explicit inputs and outputs,
+  ``(frame [1, h, w, 3], step int32 [], ring_0..ring_15 [1, 42, S, D]) ->
+  (depth [1, h, w], next_step int32 [], next_ring_0..next_ring_15)``, the rings
+  holding past frames' keys and values (per temporal layer ``k_0, v_0, k_1, v_1``,
+  without position encoding; the graph projects only the new frame). Feed the
   outputs back as the next frame's inputs; start with ``step = 0`` (the ring's
   contents are then ignored and seeded with the first frame). The ring and its
   bookkeeping are those of ``vda_jax.inference.stream``, so a runtime needs no
@@ -30,7 +32,7 @@ def clip_function(model: VideoDepthAnything) -> Callable[[jax.Array], jax.Array]
 
 
 def ring_specs(model: VideoDepthAnything, net_size: tuple[int, int]) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """Shapes of the streaming ring: 8 arrays ``[1, RING_SLOTS, S, D]`` in the compute dtype."""
+    """Shapes of the streaming ring: 16 arrays ``[1, RING_SLOTS, S, D]`` (keys and values) in the compute dtype."""
     frame = jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32)
     states = jax.eval_shape(lambda f: model.decode(model.encode(f), 1, net_size)[1], frame)
     return tuple(jax.ShapeDtypeStruct((1, stream.RING_SLOTS, *s.shape[2:]), s.dtype) for s in states)

@@ -1,16 +1,22 @@
 """Streaming inference: one frame in, its depth out, as the official streaming mode.
 
-Each new frame attends, in every temporal layer, over the hidden states of 31
-past frames: frame 0, the frame ``KEY_GAP`` = 41 back, and the last 29; while
-there is not enough history, frame 0 stands in for the missing frames (the
-official mode seeds its cache with 32 copies of frame 0). Frame ``k`` thus sees
-frames ``[0, max(k - 41, 0), max(k - 29, 0), ..., max(k - 1, 0)]``, in that
-order (positions 0..30 of the temporal position encoding; the new frame is 31).
+Each new frame attends, in every temporal layer, over 31 past frames: frame 0,
+the frame ``KEY_GAP`` = 41 back, and the last 29; while there is not enough
+history, frame 0 stands in for the missing frames (the official mode seeds its
+cache with 32 copies of frame 0). Frame ``k`` thus sees frames
+``[0, max(k - 41, 0), max(k - 29, 0), ..., max(k - 1, 0)]``, in that order
+(positions 0..30 of the temporal position encoding; the new frame is 31).
 
-The states live on the device in a fixed ring of ``RING_SLOTS`` = 42 frames:
-slot 0 keeps frame 0, frame ``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The
-frames ``k - 41 .. k - 1`` a step may read occupy 41 distinct slots, and frame
-``k`` overwrites frame ``k - 41``, its last reader. The gather indices follow
+What a frame leaves for later frames is, per attention sub-block of each temporal
+layer, its keys and values: projected once, when the frame is new, and stored
+without position encoding, since a frame's position in the context changes from
+step to step (the attention encodes positions 0..31 as it reads; see
+``TemporalAttention``), so a step projects only the new frame. They live on
+the device in a fixed ring of ``RING_SLOTS`` = 42 frames, 16 arrays
+``[1, RING_SLOTS, S, D]`` (``StreamState``): slot 0 keeps frame 0, frame
+``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The frames ``k - 41 .. k - 1`` a
+step may read occupy 41 distinct slots, and frame ``k`` overwrites frame
+``k - 41``, its last reader. The gather indices follow
 from a step counter carried on the device, so the step compiles once per frame
 size (plus once for the seeding first frame) and never retraces; the ring is
 donated from step to step, so it is updated in place.
@@ -44,7 +50,8 @@ RING_SLOTS = 1 + KEY_GAP
 class StreamState(NamedTuple):
     """What a stream carries from one frame to the next.
 
-    ring: 8 arrays ``[1, RING_SLOTS, S, D]`` (2 per temporal layer), per-frame normed hidden states.
+    ring: 16 arrays ``[1, RING_SLOTS, S, D]``, per temporal layer (4) the keys and values of its
+      two attention sub-blocks (``k_0, v_0, k_1, v_1``), per frame, without position encoding.
     step: int32 scalar, the index of the next frame.
     """
 
@@ -61,18 +68,18 @@ def context_frames(step: jax.Array) -> jax.Array:
 
 
 def ring_slot(frame: jax.Array) -> jax.Array:
-    """The ring slot holding frame ``frame``'s hidden states."""
+    """The ring slot holding frame ``frame``'s keys and values."""
     return jnp.where(frame == 0, 0, 1 + (frame - 1) % KEY_GAP).astype(jnp.int32)
 
 
 def read_context(ring: Cache, step: jax.Array) -> Cache:
-    """The states frame ``step`` attends over: ``[B, RING_SLOTS, ...]`` -> ``[B, 31, ...]`` each."""
+    """The keys and values frame ``step`` attends over: ``[B, RING_SLOTS, ...]`` -> ``[B, 31, ...]`` each."""
     slots = ring_slot(context_frames(step))
     return tuple(jnp.take(r, slots, axis=1) for r in ring)
 
 
 def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
-    """Stores frame ``step``'s states (``[B, 1, ...]`` each) in its slot."""
+    """Stores frame ``step``'s keys and values (``[B, 1, ...]`` each) in its slot."""
     slot = ring_slot(step)
     return tuple(jax.lax.dynamic_update_slice_in_dim(r, s.astype(r.dtype), slot, axis=1)
                  for r, s in zip(ring, states))
@@ -80,7 +87,7 @@ def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
 
 def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[int, int],
                  cache: Cache | None) -> tuple[jax.Array, Cache]:
-    """uint8 ``[H, W, 3]`` -> float32 depth ``[H, W]`` and the frame's states (8 ``[1, 1, S, D]``)."""
+    """uint8 ``[H, W, 3]`` -> float32 depth ``[H, W]`` and the frame's keys and values (16 ``[1, 1, S, D]``)."""
     features = model.encode(preprocess(frame[None], net_size))
     depth, states = model.decode(features, 1, net_size, cache)
     depth = resize_bilinear_align_corners(depth[0, 0].astype(jnp.float32), frame.shape[:2], axes=(0, 1))
@@ -89,7 +96,7 @@ def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[in
 
 def start_stream(model: VideoDepthAnything, frame: jax.Array,
                  net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
-    """Depth of a stream's first frame (alone) and the ring seeded with its states in every slot."""
+    """Depth of a stream's first frame (alone) and the ring seeded with its keys and values in every slot."""
     depth, states = _frame_depth(model, frame, net_size, None)
     ring = tuple(jnp.broadcast_to(s, (s.shape[0], RING_SLOTS, *s.shape[2:])) for s in states)
     return StreamState(ring, jnp.ones((), jnp.int32)), depth
@@ -97,7 +104,7 @@ def start_stream(model: VideoDepthAnything, frame: jax.Array,
 
 def stream_step(model: VideoDepthAnything, state: StreamState, frame: jax.Array,
                 net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
-    """Depth of the next frame (uint8 ``[H, W, 3]`` -> float32 ``[H, W]``); stores its states."""
+    """Depth of the next frame (uint8 ``[H, W, 3]`` -> float32 ``[H, W]``); stores its keys and values."""
     depth, states = _frame_depth(model, frame, net_size, read_context(state.ring, state.step))
     ring = write_frame(state.ring, state.step, states)
     return StreamState(ring, state.step + 1), depth

@@ -79,8 +79,8 @@ class DPTHead(nnx.Module):
         Args:
           features: four ``[B*T, ph, pw, E]`` encoder outputs, frames of a clip adjacent.
           num_frames: T.
-          cache: 8 arrays (2 per temporal layer) of past frames' hidden states
-            ``[B, Tc, S, D]`` for streaming, or None.
+          cache: 16 arrays (per temporal layer, the keys and values of its two attention
+            sub-blocks) of past frames, ``[B, Tc, S, D]`` each, for streaming, or None.
           frames_per_chunk: run the layers after the last temporal one (per-frame, at the
             finest resolutions) this many frames at a time (``map_frames``); None runs
             all frames at once. The result does not depend on it.
@@ -89,7 +89,7 @@ class DPTHead(nnx.Module):
           frame_sharding: how the frame axis is split over devices (see ``map_frames``).
         Returns:
           Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU)
-          and the new frames' temporal hidden states (8 arrays ``[B, T, S, D]``).
+          and the new frames' temporal keys and values (16 arrays ``[B, T, S, D]``).
         """
         n, ph, pw, _ = features[0].shape
         b, t = n // num_frames, num_frames
@@ -101,7 +101,8 @@ class DPTHead(nnx.Module):
         new_cache: list[jax.Array] = []
 
         def temporal(i: int, x: jax.Array) -> jax.Array:
-            layer_cache = None if cache is None else cache[2 * i: 2 * i + 2]
+            size = TemporalModule.cache_arrays
+            layer_cache = None if cache is None else cache[size * i: size * (i + 1)]
             y, states = checkpointed(self.temporal[i], remat)(x.reshape(b, t, *x.shape[1:]), layer_cache)
             new_cache.extend(states)
             return y.reshape(x.shape)

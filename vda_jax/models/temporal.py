@@ -5,10 +5,13 @@ GroupNorm -> Linear -> 2 x (LayerNorm, temporal self-attention, residual) ->
 (LayerNorm, GEGLU feed-forward, residual) -> Linear, plus a residual around the
 whole layer. Hidden states are laid out ``[B, T, S, D]`` (S = spatial positions).
 
-For streaming, each attention sub-block can be given ``cached``: the normed
-inputs of past frames ``[B, Tc, S, D]``. The new frames then attend over
-``cached + new`` while only the new frames are queried; every call returns the
-normed inputs of its new frames so the caller can extend its cache.
+For streaming, each attention sub-block can be given ``cached``: the keys and
+values of past frames, ``[B, Tc, S, D]`` each, projected but without position
+encoding (the cache's frames take positions ``0 .. Tc-1``, the new ones follow).
+Only the new frames are projected and queried; every call returns its new frames'
+keys and values (``[B, T, S, D]`` each) so the caller can extend its cache. Both
+encodings commute with the cache: RoPE rotates keys after projection, and the
+projections have no bias, so ``to_k(x + pe) = to_k(x) + to_k(pe)`` for APE.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _NUM_GROUPS = 32
 _FF_MULT = 4
 
 Cache = tuple[jax.Array, ...]
+KeysValues = tuple[jax.Array, jax.Array]
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -95,21 +99,46 @@ class TemporalAttention(nnx.Module):
         self.to_out = linear(dim, dim, axes=("heads", None), rngs=rngs, dtype=dtype)
         self.pe = Buffer(jnp.asarray(sinusoidal_table(max_frames, dim))) if pe == "ape" else None
 
-    def __call__(self, x: jax.Array, cached: jax.Array | None = None) -> jax.Array:
-        """``x``: ``[B, T, S, D]`` normed hidden states; ``cached``: ``[B, Tc, S, D]`` or None."""
-        frames = x if cached is None else jnp.concatenate([cached.astype(x.dtype), x], axis=1)
-        num_cached, length = frames.shape[1] - x.shape[1], frames.shape[1]
-        if self.pe is not None:
-            if length > self.pe[...].shape[0]:
-                raise ValueError(f"{length} frames exceed the temporal position encoding's "
-                                 f"{self.pe[...].shape[0]}; use shorter clips")
-            frames = frames + self.pe[...][:length, None, :].astype(frames.dtype)
-        q = self.to_q(frames[:, num_cached:])
-        k, v = self.to_k(frames), self.to_v(frames)
+    def __call__(self, x: jax.Array, cached: KeysValues | None = None) -> tuple[jax.Array, KeysValues]:
+        """Attends along time.
+
+        Args:
+          x: ``[B, T, S, D]`` normed hidden states of the frames to query.
+          cached: past frames' (keys, values), ``[B, Tc, S, D]`` each, as returned here, or None.
+        Returns:
+          ``[B, T, S, D]`` and the (keys, values) of ``x``'s frames, ``[B, T, S, D]`` each.
+        """
+        num_cached = 0 if cached is None else cached[0].shape[1]
+        length = num_cached + x.shape[1]
+        pe = self._position_table(length, x.dtype)
+        new_k, new_v = self.to_k(x), self.to_v(x)
+        if cached is None and pe is not None:
+            # The clip path projects the encoded inputs (the new keys and values above serve
+            # only a cache and are removed as dead code when unused).
+            frames = x + pe[:, None, :]
+            q, k, v = self.to_q(frames), self.to_k(frames), self.to_v(frames)
+        else:
+            q = self.to_q(x if pe is None else x + pe[num_cached:, None, :])
+            k, v = new_k, new_v
+            if cached is not None:
+                k = jnp.concatenate([cached[0].astype(x.dtype), k], axis=1)
+                v = jnp.concatenate([cached[1].astype(x.dtype), v], axis=1)
+            if pe is not None:  # no bias: to_k(x + pe) = to_k(x) + to_k(pe)
+                k = k + self.to_k(pe)[:, None, :]
+                v = v + self.to_v(pe)[:, None, :]
         if self.pe_type == "rope":
             q = apply_rope(q, jnp.arange(num_cached, length))
             k = apply_rope(k, jnp.arange(length))
-        return self.to_out(attend_over_time(q, k, v, self.heads))
+        return self.to_out(attend_over_time(q, k, v, self.heads)), (new_k, new_v)
+
+    def _position_table(self, length: int, dtype: Dtype) -> jax.Array | None:
+        """The APE rows of positions ``0 .. length-1``, ``[length, D]``; None for RoPE."""
+        if self.pe is None:
+            return None
+        if length > self.pe[...].shape[0]:
+            raise ValueError(f"{length} frames exceed the temporal position encoding's "
+                             f"{self.pe[...].shape[0]}; use shorter clips")
+        return self.pe[...][:length].astype(dtype)
 
 
 class GEGLUFeedForward(nnx.Module):
@@ -128,6 +157,7 @@ class TemporalModule(nnx.Module):
     """One temporal layer of the head (a single transformer block of two attention sub-blocks)."""
 
     num_attention_blocks = 2
+    cache_arrays = 2 * num_attention_blocks  # keys and values per attention sub-block
 
     def __init__(self, channels: int, heads: int, max_frames: int, pe: str, *, rngs: nnx.Rngs,
                  dtype: Dtype = jnp.float32):
@@ -149,20 +179,20 @@ class TemporalModule(nnx.Module):
 
         Args:
           x: ``[B, T, H, W, C]`` feature maps of a clip (or of the new frames when streaming).
-          cache: per attention sub-block, the normed hidden states of past frames
-            ``[B, Tc, H*W, D]``, or None.
+          cache: keys and values of past frames per attention sub-block
+            (``k_0, v_0, k_1, v_1``, ``[B, Tc, H*W, D]`` each), or None.
         Returns:
-          ``[B, T, H, W, C]`` and, per attention sub-block, the new frames' normed hidden
-          states ``[B, T, H*W, D]``.
+          ``[B, T, H, W, C]`` and the new frames' keys and values in the same layout
+          (``[B, T, H*W, D]`` each).
         """
         b, t, h, w, c = x.shape
         hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b * t, h * w, c)
         hidden = self.proj_in(_by_position(hidden).reshape(b, t, h * w, c))
         new_cache = []
         for i, (norm, attention) in enumerate(zip(self.norms, self.attention_blocks)):
-            normed = norm(hidden)
-            hidden = hidden + attention(normed, None if cache is None else cache[i])
-            new_cache.append(normed)
+            out, keys_values = attention(norm(hidden), None if cache is None else cache[2 * i: 2 * i + 2])
+            hidden = hidden + out
+            new_cache.extend(keys_values)
         hidden = hidden + self.ff(self.ff_norm(hidden))
         out = _by_frame(self.proj_out(hidden).reshape(b * t, h * w, c))
         return x + out.reshape(x.shape).astype(x.dtype), tuple(new_cache)

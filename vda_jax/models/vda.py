@@ -80,7 +80,7 @@ class VideoDepthAnything(nnx.Module):
     def decode(self, features: tuple[jax.Array, ...], num_frames: int, image_size: tuple[int, int],
                cache: Cache | None = None, frames_per_chunk: int | None = None,
                remat: bool = False) -> tuple[jax.Array, Cache]:
-        """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal states.
+        """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal keys/values.
 
         ``frames_per_chunk`` and ``remat`` are ``DPTHead``'s.
         """

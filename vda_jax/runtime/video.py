@@ -113,7 +113,7 @@ def stream_depth(step: Callable[..., list[np.ndarray]], frames: Iterable[np.ndar
       step: the exported streaming model, ``(frame, step, *ring) -> [depth, next_step, *next_ring]``.
       frames: uint8 RGB ``[H, W, 3]`` frames, all of one size.
       net_size: the network input (h, w) the model was exported for.
-      ring: its initial temporal states (any values: the first frame seeds them).
+      ring: its initial temporal caches, keys and values (any values: the first frame seeds them).
     """
     counter, frame_size = np.zeros((), np.int32), None
     for i, frame in enumerate(frames):
