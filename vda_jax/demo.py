@@ -232,7 +232,7 @@ def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precisi
                     f"{about}")
         with gr.Row():
             with gr.Column(scale=2):
-                video = gr.Video(label="Input video", sources=["upload"], height=300)
+                video = gr.Video(label="Input video", sources=["upload"], height=300, elem_id="input-video")
                 sample = gr.Button("Use the sample video", size="sm")
             with gr.Column(scale=1):
                 size = gr.Slider(14, 1036, value=input_size, step=14, label="Input size",
@@ -240,18 +240,20 @@ def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precisi
                 max_len = gr.Slider(1, limits.max_len, value=limits.max_len, step=1, label="Max length (frames)")
                 precision_choice = gr.Dropdown(list(PRECISIONS), value=precision, label="Precision")
                 streaming = gr.Checkbox(False, label="Streaming", info="causal: each depth sees only past frames")
-                start = gr.Button("Compute depth", variant="primary")
-        pair = gr.Video(label="Source | depth", interactive=False, autoplay=True, loop=True)
-        status = gr.Markdown()
+                start = gr.Button("Compute depth", variant="primary", elem_id="compute")
+        pair = gr.Video(label="Source | depth", interactive=False, autoplay=True, loop=True, elem_id="pair")
+        status = gr.Markdown(elem_id="status")
         with gr.Row():
             with gr.Column(scale=2):
-                plot = gr.Image(label="Depth of one frame", type="numpy", interactive=False, format="png")
+                plot = gr.Image(label="Depth of one frame", show_label=False, type="numpy", interactive=False,
+                                format="png", elem_id="plot")
             with gr.Column(scale=1):
                 frame = gr.Slider(0, limits.max_len - 1, value=0, step=1, label="Frame")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
         sample.click(lambda: SAMPLE_VIDEO, outputs=video, api_visibility="private", queue=False)
         start.click(run, inputs=[video, size, max_len, precision_choice, streaming, frame],
-                    outputs=[pair, status, downloads, frame, plot], api_name="depth")
+                    outputs=[pair, status, downloads, frame, plot], api_name="depth",
+                    show_progress_on=pair)
         frame.release(plot_frame, inputs=[downloads, frame], outputs=plot, api_name="plot", concurrency_limit=None)
     return demo
 
