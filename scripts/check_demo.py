@@ -103,14 +103,16 @@ def check_page(driver: webdriver.Chrome, url: str, args: argparse.Namespace) -> 
 
 
 def check_refusals(driver: webdriver.Chrome, url: str, args: argparse.Namespace, tmp: str) -> list[str]:
-    """Uploads a text file named .mp4 and a file over the size limit; returns what the page did not say."""
+    """Uploads a text file named .mp4 and a file over the size limit, presses the sample button; returns what
+    the page did not say or do."""
     text, big = os.path.join(tmp, "notes.mp4"), os.path.join(tmp, "big.mp4")
     with open(text, "w") as f:
         f.write("a text file, not a video\n")
     with open(big, "wb") as f:
         f.write(bytes(MAX_UPLOAD_MB * 2**20 + 1))
     missing = []
-    for path, expected, compute in [(text, "could not be read as a video", True), (big, "exceed the maximum allowed size", False)]:
+    refusals = [(text, "could not be read as a video", True), (big, "exceed the maximum allowed size", False)]
+    for path, expected, compute in refusals:
         driver.get(url)
         upload = WebDriverWait(driver, args.timeout).until(expected_conditions.presence_of_element_located(
             (By.CSS_SELECTOR, "#input-video input[type=file]")))
@@ -124,6 +126,14 @@ def check_refusals(driver: webdriver.Chrome, url: str, args: argparse.Namespace,
             missing.append(f"{os.path.basename(path)}: no message with {expected!r} (see {shot})")
         screenshot(driver, shot)
         print(f"wrote {shot}")
+    driver.get(url)  # and the sample button, which loads the sample without an upload
+    WebDriverWait(driver, args.timeout).until(expected_conditions.element_to_be_clickable(
+        (By.XPATH, "//button[contains(., 'Use the sample video')]"))).click()
+    try:
+        WebDriverWait(driver, 30).until(expected_conditions.presence_of_element_located(
+            (By.CSS_SELECTOR, "#input-video video")))
+    except Exception:  # noqa: BLE001 (reported by the caller)
+        missing.append("'Use the sample video' did not load the sample")
     return missing
 
 

@@ -104,7 +104,7 @@ def run_request(model: VideoDepthAnything, video: str, workdir: str, settings: S
                                log=errors.append, on_frames=on_frames)
     seconds = time.perf_counter() - start
     if report.failed:
-        raise ValueError(errors[-1] if errors else f"{os.path.basename(video)} failed")
+        raise ValueError(errors[-1].replace(video, os.path.basename(video)))  # (the server's copy: name the user's)
     paths = files.output_paths(video, options)
     info = probe(video).subsampled(max_res=read.max_res, max_len=read.max_len)
     pair = os.path.join(workdir, "source_and_depth.mp4")
