@@ -142,12 +142,13 @@ def test_nothing_left_behind(tiny_model, tmp_path, monkeypatch):
     def ours() -> list[str]:  # (gradio_client leaves empty folders of its own there)
         return [name for name in os.listdir(tmp_path) if name.startswith("vda-jax-demo-")]
 
+    before = os.environ.get("GRADIO_TEMP_DIR")
     with demo.running(tiny_model, SIZE, LIMITS, precision="fp32", port=_free_port()) as page:
         client = gradio_client.Client(page.local_url, download_files=str(tmp_path / "client"), verbose=False)
         _depth(client, max_len=4)
         cache = os.environ["GRADIO_TEMP_DIR"]
         assert ours() == [os.path.basename(cache)] and _files(cache)  # uploads and served outputs
-    assert ours() == [] and "GRADIO_TEMP_DIR" not in os.environ
+    assert ours() == [] and os.environ.get("GRADIO_TEMP_DIR") == before
 
 
 def test_depth_plot_colours_and_bar():
