@@ -1,5 +1,6 @@
 """`vda-jax demo`: the Gradio app in-process, driven through gradio_client, and the pieces it draws with."""
 
+import importlib.util
 import os
 import socket
 import tempfile
@@ -170,8 +171,12 @@ def test_npz_frame_reads_one_frame(tmp_path):
         demo.npz_frame(str(tmp_path / "d.npz"), 5)
 
 
-def test_cli_demo_options():
+def test_cli_demo_options_and_missing_gradio(monkeypatch, capsys):
     args = cli.build_parser().parse_args(["demo"])
     assert (args.host, args.port, args.max_upload_mb, args.checkpoint) == ("127.0.0.1", 7860, 200, None)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", "--max-upload-mb", "0"])
+    assert "--max-upload-mb: must be a positive number, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if gradio were not installed
+    assert cli.main(["demo"]) == 1
+    assert capsys.readouterr().err.strip() == 'vda-jax demo: error: the web demo needs gradio: pip install -e ".[demo]"'

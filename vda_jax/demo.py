@@ -3,7 +3,8 @@
 A request runs ``files.infer_files`` on one video into its own temporary folder,
 composes the source and the depth video side by side and plots one frame's depth
 with a colour bar. The folder is removed once Gradio has copied the outputs into
-its cache, which ``delete_cache`` empties (entirely when the server stops).
+its cache: a folder of the server's own, whose files are deleted an hour after
+they were made (``delete_cache``) and which is removed when the server stops.
 
 The model is loaded once. The compiled window (or streaming) step of each input
 size and frame size is cached by the inference modules, so every request of that
@@ -80,7 +81,7 @@ def check_installed() -> None:
 def check_upload(path: str, limits: Limits) -> VideoInfo:
     """The upload's frames as a request reads them; ValueError naming the problem for anything else.
 
-    Uploads over ``limits.max_upload_mb`` never get here: the server refuses them (``serve``).
+    Uploads over ``limits.max_upload_mb`` never get here: the server refuses them (``running``).
     """
     name = os.path.basename(path)
     if os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
@@ -183,8 +184,8 @@ class _Rate:
 
 
 def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precision: str, about: str = ""):
-    """The page (a ``gr.Blocks``; see ``serve``): ``input_size`` and ``precision`` are its defaults, ``about``
-    a line on the model."""
+    """The page, a ``gr.Blocks`` (served by ``running``): ``input_size`` and ``precision`` are its defaults,
+    ``about`` a line on the model."""
     import gradio as gr
 
     metric = model.config.metric
