@@ -4,6 +4,7 @@ import importlib.util
 import os
 import socket
 import tempfile
+import time
 import zipfile
 
 import gradio_client
@@ -99,6 +100,27 @@ def test_requests_share_the_compiled_step(app):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
+
+
+def test_one_request_at_a_time(app, monkeypatch):
+    page, client, _ = app
+    spans, real = [], demo.run_request
+
+    def timed(*args, **kwargs):
+        start = time.monotonic()
+        time.sleep(0.5)  # long enough for the second request to arrive while this one runs
+        result = real(*args, **kwargs)
+        spans.append((start, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(demo, "run_request", timed)
+    jobs = [client.submit(gradio_client.handle_file(SAMPLE_VIDEO), SIZE, 4, "fp32", False, 0, api_name="/depth")
+            for _ in range(2)]
+    for job in jobs:
+        job.result()
+    first, second = sorted(spans)
+    assert first[1] <= second[0]
+    assert page.server_name == "127.0.0.1"  # and only this machine can reach it
 
 
 def test_bad_uploads_get_a_message(app, tmp_path):
