@@ -259,6 +259,49 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_pseudo_label)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import jax
+
+    from vda_jax import demo
+    from vda_jax.precision import default_precision
+
+    demo.check_installed()
+    model, input_size = _load_model(args.checkpoint)
+    _enable_compilation_cache()
+    limits = demo.Limits(max_upload_mb=args.max_upload_mb, max_len=args.max_len, max_res=args.max_res)
+    about = (f"Model: {args.checkpoint or 'the bundled demo model (synthetic scenes only)'}, "
+             f"{'metric' if model.config.metric else 'relative'} depth.")
+    with demo.running(model, args.input_size or input_size, limits, about=about, host=args.host, port=args.port,
+                      precision=args.precision or default_precision(jax.default_backend())) as page:
+        print(f"vda-jax demo: serving {page.local_url} (Ctrl-C stops)", flush=True)
+        page.block_thread()
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="serve a web page: upload a video, see and download its depth",
+                       description="A Gradio app (needs the demo extra: pip install -e \".[demo]\") over the "
+                                   "same computation as `vda-jax infer`, one request at a time. It listens on "
+                                   "127.0.0.1 only unless --host says otherwise (0.0.0.0: every interface).")
+    p.add_argument("--checkpoint", help="model directory (default: the bundled demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--max-upload-mb", type=_positive_float, default=200, help="larger uploads are refused")
+    p.add_argument("--max-len", type=_positive_int, default=500, help="at most this many frames per video")
+    p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
+    p.add_argument("--input-size", type=_positive_int, help="the page's default input size (default: the "
+                                                            "checkpoint's, else 518)")
+    p.add_argument("--precision", choices=PRECISIONS, help="the page's default precision (default: bf16 on GPU, "
+                                                           "fp32 on CPU)")
+    p.set_defaults(handler=_demo)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -282,7 +325,8 @@ def _load_model(checkpoint: str | None):
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label, _add_export]
+    _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label, _add_export,
+    _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

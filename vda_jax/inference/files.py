@@ -207,14 +207,15 @@ def _remove_stale(output_dir: str, name: str) -> None:
 def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
                 read: ReadOptions, *, input_size: int = 518, precision: str | None = None, batch_size: int = 1,
                 streaming: bool = False, progress: bool = True, share: tuple[int, int] = (0, 1),
-                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Report:
+                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                on_frames: Callable[[int], None] = lambda n: None) -> Report:
     """Writes depth outputs for this process's share of ``sources``.
 
     ``share = (index, count)``: process ``index`` of ``count`` takes every
     ``count``-th source from the ``index``-th, so processes that are given the same
     list write each output once. Outputs that exist are skipped unless
     ``options.overwrite``. An output folder that this call created and left empty
-    is removed.
+    is removed. ``on_frames(n)`` is called as each ``n`` depth frames are done.
     """
     names = [source_name(s) for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -229,7 +230,7 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
     try:
         return _infer_share(model, sources[share[0]::share[1]], options, read, input_size=input_size,
                             precision=precision, batch_size=batch_size, streaming=streaming, progress=progress,
-                            log=log)
+                            log=log, on_frames=on_frames)
     finally:
         with contextlib.suppress(OSError):  # not empty (or already gone): keep it
             if created:
@@ -238,7 +239,7 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
 
 def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
                  read: ReadOptions, *, input_size: int, precision: str | None, batch_size: int, streaming: bool,
-                 progress: bool, log: Callable[[str], None]) -> Report:
+                 progress: bool, log: Callable[[str], None], on_frames: Callable[[int], None]) -> Report:
     report = Report()
     infos: dict[tuple[int, int], list[VideoInfo]] = collections.defaultdict(list)
     for source in sources:
@@ -262,6 +263,11 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
 
     total = sum(i.num_frames for group in infos.values() for i in group)
     bar = tqdm.tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, desc="depth")
+
+    def done(count: int) -> None:
+        bar.update(count)
+        on_frames(count)
+
     sinks: dict[str, VideoOutputs] = {}
 
     def jobs(group: list[VideoInfo]) -> Iterator[VideoJob]:
@@ -286,10 +292,10 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
         for frame_size, group in infos.items():
             if streaming or isinstance(model, ExportedModel):  # onnxruntime runs one video at a time
                 for job in jobs(group):
-                    _stream_job(model, job, input_size, precision, bar.update, on_error)
+                    _stream_job(model, job, input_size, precision, done, on_error)
             else:
                 run_videos(model, frame_size, jobs(group), input_size=input_size, precision=precision,
-                           slots=min(batch_size, len(group)), on_frames=bar.update, on_error=on_error)
+                           slots=min(batch_size, len(group)), on_frames=done, on_error=on_error)
     finally:
         for sink in sinks.values():
             sink.abort()  # all but the committed ones: what an exception or Ctrl-C cut short
