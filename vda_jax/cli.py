@@ -262,12 +262,12 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> None:
     import jax
 
-    from vda_jax import demo
+    from vda_jax import compilation_cache, demo
     from vda_jax.precision import default_precision
 
     demo.check_installed()
     model, input_size = _load_model(args.checkpoint)
-    _enable_compilation_cache()
+    compilation_cache.enable()
     limits = demo.Limits(max_upload_mb=args.max_upload_mb, max_len=args.max_len, max_res=args.max_res)
     about = (f"Model: {args.checkpoint or 'the bundled demo model (synthetic scenes only)'}, "
              f"{'metric' if model.config.metric else 'relative'} depth.")
