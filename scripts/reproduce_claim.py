@@ -4,9 +4,9 @@ With the same training budget on rendered videos, train
   (a) a per-frame model: one-frame clips, so the image loss only and no temporal
       interaction (inferred frame by frame), and
   (b) the spatio-temporal model, made as the paper makes Video Depth Anything
-      from Depth Anything V2: the first ``--image-steps`` of the same per-frame
-      training, then the rest of the budget on 32-frame clips with the temporal
-      gradient matching loss, encoder frozen,
+      from Depth Anything V2: (a)'s checkpoint after its first ``--image-steps``
+      (trained once, counted in both budgets), then the rest of the budget on
+      clips with the temporal gradient matching loss, encoder frozen,
 then score both on held-out synthetic videos of a few hundred frames (AbsRel and
 delta1 after one scale/shift per video, TAE from the true cameras), and compare
 the inference strategies of the paper's Table 5 with model (b). Writes
@@ -35,10 +35,10 @@ from vda_jax.inference.preprocess import network_size, preprocess
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.resize import resize_bilinear_align_corners
 from vda_jax.train.config import load_config
-from vda_jax.train.loop import train
+from vda_jax.train.loop import model_from_checkpoint, train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "train", "synthetic_claim.py")
-INPUT_SIZE = 56
+INPUT_SIZE = 112  # the crop size of configs/train/synthetic_claim.py
 EVAL_SEED = 1_000_000  # far from the training videos' seeds
 MAX_DEPTH = 80.0  # the renderer's nearest far plane
 
@@ -109,11 +109,19 @@ def main() -> None:
         parser.error("--image-steps must be between 0 and --steps")
     # Same frames per step: batch * clip_frames one-frame clips.
     one_frame_clips = ["data.clip_frames=1", f"batch_size={batch * clip_frames}", "eval.every=0"]
-    per_frame_dir, per_frame_min = train_model(os.path.join(args.workdir, "per_frame"), args.steps, one_frame_clips)
-    image_dir, image_min = train_model(os.path.join(args.workdir, "image_stage"), args.image_steps, one_frame_clips)
+    # Every run reads the same rendered videos; (b) starts from (a)'s checkpoint at --image-steps, so the
+    # shared per-frame steps are trained once and each model is still counted its full budget.
+    data = [f"data.data_dir={os.path.join(args.workdir, 'data')}"]
+    per_frame_dir, per_frame_min = train_model(
+        os.path.join(args.workdir, "per_frame"), args.steps,
+        [*one_frame_clips, *data, f"checkpoint.every={args.image_steps}",
+         f"checkpoint.keep={args.steps // args.image_steps + 1}"])
+    image_dir = os.path.join(args.workdir, "image_stage")
+    if not os.path.isdir(image_dir):
+        model_from_checkpoint(os.path.join(args.workdir, "per_frame"), image_dir, step=args.image_steps)
     temporal_dir, temporal_min = train_model(os.path.join(args.workdir, "temporal_stage"),
                                              args.steps - args.image_steps,
-                                             [f"init_from={image_dir}", "train_encoder=False"])
+                                             [f"init_from={image_dir}", "train_encoder=False", *data])
     per_frame, temporal = load_checkpoint(per_frame_dir), load_checkpoint(temporal_dir)
 
     results: dict[str, list] = {"per_frame": [], "ground_truth": [], **{s: [] for s in STRATEGIES}}
@@ -137,14 +145,16 @@ def main() -> None:
     strategies = table(["inference strategy (model b)", "AbsRel", "delta1", "TAE (x100)"], [
         [{"no_overlap": "windows without overlap", "overlap_alignment": "overlap alignment only",
           "full": "overlap interpolation + key-frame referencing"}[s], *fmt(means[s])] for s in STRATEGIES])
+    cores = len(os.sched_getaffinity(0))
     budget = (f"Both models: {args.steps} AdamW steps of {batch * clip_frames} frames each, the "
               f"`configs/train/synthetic_claim.py` model trained from scratch on {base.synthetic.num_videos[0]} "
-              f"rendered training videos. (a): {args.steps} steps of {batch * clip_frames} one-frame clips "
-              f"({per_frame_min:.1f} min on this machine's CPU). (b): the same per-frame training for "
-              f"{args.image_steps} steps ({image_min:.1f} min), then {args.steps - args.image_steps} steps of "
-              f"{batch} clips x {clip_frames} frames with the TGM loss, encoder frozen ({temporal_min:.1f} min), "
-              f"as the paper builds Video Depth Anything on Depth Anything V2. Evaluation: {args.eval_videos} "
-              f"held-out videos of {args.eval_frames} frames at {height}x{width}, input size {INPUT_SIZE}.")
+              f"rendered training videos of {base.synthetic.height}x{base.synthetic.width}. (a): {args.steps} "
+              f"steps of {batch * clip_frames} one-frame clips ({per_frame_min:.1f} min on {cores} core(s) of this "
+              f"machine's CPU). (b): (a)'s first {args.image_steps} steps (its checkpoint there), then "
+              f"{args.steps - args.image_steps} steps of {batch} clip(s) x {clip_frames} frames with the TGM loss, "
+              f"encoder frozen ({temporal_min:.1f} min), as the paper builds Video Depth Anything on Depth Anything "
+              f"V2. Evaluation: {args.eval_videos} held-out videos of {args.eval_frames} frames at "
+              f"{height}x{width}, input size {INPUT_SIZE}.")
     command = (f"python scripts/reproduce_claim.py --workdir /tmp/claim --steps {args.steps} "
                f"--image-steps {args.image_steps}")
     text = f"""# The consistency claim, reproduced on synthetic data
