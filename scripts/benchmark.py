@@ -120,11 +120,8 @@ def measure_video(args, frames: int) -> dict:
             "warmup_30_frames_with_compile_s": round(warmup, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def measure_official(args) -> dict:
-    """The official pipeline on the same frames, run by a Python that has torch."""
-    code = f"""
-import sys, time, types, json, numpy as np, torch
-sys.path.insert(0, {args.official!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+_TORCHVISION_STUB = """
+import sys, types
 tv = types.ModuleType('torchvision'); tr = types.ModuleType('torchvision.transforms')
 class Compose:
     def __init__(self, transforms): self.transforms = transforms
@@ -133,6 +130,14 @@ class Compose:
         return sample
 tr.Compose = Compose; tv.transforms = tr
 sys.modules['torchvision'] = tv; sys.modules['torchvision.transforms'] = tr
+"""
+
+
+def measure_official(args) -> dict:
+    """The official pipeline on the same frames, run by a Python that has torch."""
+    code = _TORCHVISION_STUB + f"""
+import sys, time, json, numpy as np, torch
+sys.path.insert(0, {args.official!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 from benchmark import generated_frames, peak_rss_mb
 from video_depth_anything.video_depth import VideoDepthAnything
 cfg = dict(vits=dict(features=64, out_channels=[48, 96, 192, 384]),
@@ -151,18 +156,6 @@ print(json.dumps(dict(frames=len(depth), seconds=round(s, 2), fps=round(len(dept
     out = subprocess.run([args.torch_python, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
-
-_TORCHVISION_STUB = """
-import sys, types
-tv = types.ModuleType('torchvision'); tr = types.ModuleType('torchvision.transforms')
-class Compose:
-    def __init__(self, transforms): self.transforms = transforms
-    def __call__(self, sample):
-        for t in self.transforms: sample = t(sample)
-        return sample
-tr.Compose = Compose; tv.transforms = tr
-sys.modules['torchvision'] = tv; sys.modules['torchvision.transforms'] = tr
-"""
 
 _OFFICIAL_CLIP = """
 import json, os, sys, time, numpy as np, torch
