@@ -48,6 +48,25 @@ def test_ctrl_c_during_convert_exits_130_and_leaves_all_or_nothing(tmp_path, fix
     assert all(not name.startswith(".") for name in os.listdir(tmp_path))  # no temporary left
 
 
+def test_an_interrupt_python_drops_is_kept_without_a_traceback(capsys):
+    # Ctrl-C inside a gc callback (e.g. JAX's) is "ignored" by Python with a traceback on stderr.
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with cli._interrupts() as (interrupted, _):
+            for error in (KeyboardInterrupt(), ValueError("other")):
+                try:
+                    raise error
+                except BaseException as e:  # what Python does with an exception it cannot raise
+                    sys.unraisablehook(type("Info", (), {"exc_value": e})())
+        assert sys.unraisablehook == seen.append  # restored
+    finally:
+        sys.unraisablehook = previous
+    assert [type(info.exc_value) for info in seen] == [ValueError]  # only the interrupt is silenced
+    assert not interrupted() and capsys.readouterr().err == ""
+
+
 def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, capsys):
     args = ["convert", str(fixtures / "tiny.pth"), "--config", str(fixtures / "tiny_architecture.json"), "--overwrite"]
     notes = tmp_path / "notes"

@@ -361,11 +361,17 @@ def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
         if pressed.is_set():
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def unraisable(info) -> None:  # an interrupt Python dropped: the flag has it, no traceback
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            previous_hook(info)
+
+    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+    sys.unraisablehook = unraisable
     try:
         yield pressed.is_set, raise_from_now
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _run(args: argparse.Namespace, interrupted: Callable[[], bool]) -> int:
