@@ -342,8 +342,8 @@ def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
     """Yields ("was Ctrl-C pressed?", "from now on Ctrl-C raises KeyboardInterrupt").
 
     Until the second is called Ctrl-C is only noted: an interrupt inside the import of an
-    extension module (numpy, jaxlib) makes it print a traceback. The flag also keeps an
-    interrupt that Python drops (raised in a gc callback or ``__del__``).
+    extension module (numpy, jaxlib) makes it print a traceback. An interrupt that Python
+    drops (raised in a gc callback, such as JAX's, or in ``__del__``) is delivered again.
     """
     pressed, raising = threading.Event(), threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -361,8 +361,17 @@ def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
         if pressed.is_set():
             raise KeyboardInterrupt
 
-    def unraisable(info) -> None:  # an interrupt Python dropped: the flag has it, no traceback
-        if not isinstance(info.exc_value, KeyboardInterrupt):
+    def again() -> None:
+        if signal.getsignal(signal.SIGINT) is handler:  # still in the block
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, KeyboardInterrupt):  # dropped: no traceback; it comes again a moment
+            # later, once this hook and the callback have returned (else it would be dropped in them again)
+            redeliver = threading.Timer(0.05, again)
+            redeliver.daemon = True
+            redeliver.start()
+        else:
             previous_hook(info)
 
     previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook

@@ -21,15 +21,14 @@ import dataclasses
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import uuid
 from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import tqdm
 
+from vda_jax import interrupts
 from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
 from vda_jax.io.video import VideoInfo, VideoWriter, encoded_shape, probe, read_frames, source_name
@@ -155,7 +154,7 @@ class VideoOutputs:
         self.src.close()
         for writer in self.writers:
             writer.close()
-        with _interrupts_held():
+        with interrupts.held():
             for key, path in self.paths.items():
                 if os.path.isdir(path):  # --overwrite of a frame folder: no stale frames past the new end
                     shutil.rmtree(path)
@@ -173,22 +172,6 @@ class VideoOutputs:
             for writer in self.writers:
                 writer.abort()
         shutil.rmtree(self.stage, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Holds Ctrl-C back until the block is done (in the main thread, the only one Python signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _remove_stale(output_dir: str, name: str) -> None:

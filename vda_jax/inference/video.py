@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vda_jax import compilation_cache
+from vda_jax import compilation_cache, interrupts
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size
 from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
@@ -83,15 +83,17 @@ def _prefetch(frames: Iterable[np.ndarray], name: str, depth: int = _PREFETCH_FR
                 iterator.close()
 
     thread = threading.Thread(target=fill, daemon=True, name=f"decode-{name}")
-    thread.start()
     try:
+        with interrupts.held():  # else Ctrl-C could cut start() short with the thread running and never stopped
+            thread.start()
         while (item := buffer.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
         stop.set()
-        thread.join()
+        if thread.ident is not None:  # started
+            thread.join()
 
 
 class _Slot:
