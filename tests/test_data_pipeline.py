@@ -126,6 +126,17 @@ def test_row_blocks_make_the_same_global_batches(data_dir):
         np.testing.assert_array_equal(batch["frames"], np.concatenate([first["frames"], second["frames"]]))
 
 
+def test_one_row_batches_are_the_rows_of_the_bigger_ones(data_dir):
+    # Batches of one clip (one process, or a batch of 2 over 2 processes) of the endless stream.
+    pairs = take(iter(make_dataset(config(data_dir), grain.sharding.NoSharding())), 2)
+    single = take(iter(make_dataset(config(data_dir, batch_size=1), grain.sharding.NoSharding())), 4)
+    halves = [take(iter(make_dataset(config(data_dir), grain.sharding.ShardOptions(i, 2))), 2) for i in range(2)]
+    for key in ("frames", "depth", "video", "frame"):
+        for k, pair in enumerate(pairs):
+            np.testing.assert_array_equal(pair[key], np.concatenate([single[2 * k][key], single[2 * k + 1][key]]))
+            np.testing.assert_array_equal(pair[key], np.concatenate([halves[0][k][key], halves[1][k][key]]))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="multiples of 14"):
         DataConfig(crop_size=(20, 28))

@@ -209,9 +209,12 @@ def _stream(
         jitter=config.color_jitter,
     )
     # Row block j of global batch k is the (k * count + j)-th run of `rows` elements; grain
-    # reads only the elements of the blocks taken.
+    # reads only the elements of the blocks taken. Only whole blocks exist (the cut above), and
+    # drop_remainder keeps the endless stream's length an integer division (no float rounding
+    # past sys.maxsize for blocks of one row).
     rows = batch_size // shard.shard_count
-    ds = ds.random_map(augment, seed=int(seeds[1])).batch(rows)[shard.shard_index :: shard.shard_count]
+    ds = ds.random_map(augment, seed=int(seeds[1])).batch(rows, drop_remainder=True)
+    ds = ds[shard.shard_index :: shard.shard_count]
     return ds.map(functools.partial(_with_kind, kind=kind))
 
 
