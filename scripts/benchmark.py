@@ -288,7 +288,7 @@ def measure_clip(args) -> dict:
         depths.clear()
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            report = files.infer_files(model, [args.clip], files.OutputOptions(out),
+            report = files.infer_files(model, [args.clip], files.OutputOptions(out, video_preset=args.video_preset),
                                        files.ReadOptions(max_len=args.max_len), input_size=args.input_size,
                                        precision="fp32", progress=False, streaming=args.streaming)
             seconds = time.perf_counter() - start
@@ -331,13 +331,15 @@ def clip_report(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         weights, depths_path = os.path.join(tmp, "weights.pth"), os.path.join(tmp, "official_depths.npy")
         report = {"clip": args.clip, "encoder": args.encoder, "input_size": args.input_size, "max_len": args.max_len,
-                  "streaming": args.streaming, "official": official_clip(args, weights, depths_path)}
+                  "streaming": args.streaming, "video_preset": args.video_preset,
+                  "official": official_clip(args, weights, depths_path)}
         print(json.dumps({"official": report["official"]}), flush=True)
         env = {**os.environ, "VDA_JAX_CACHE_DIR": os.path.join(tmp, "xla")}  # empty: the first process compiles
         for run in ("cold_process", "warm_process"):
             cmd = [sys.executable, __file__, "--only", "clip", "--clip", args.clip, "--weights", weights,
                    "--depths", depths_path, "--encoder", args.encoder, "--input-size", str(args.input_size),
-                   "--max-len", str(args.max_len)] + (["--streaming"] if args.streaming else [])
+                   "--max-len", str(args.max_len), "--video-preset", args.video_preset] + (
+                      ["--streaming"] if args.streaming else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 raise RuntimeError(f"{run} failed:\n{out.stderr[-3000:]}")
@@ -377,6 +379,8 @@ def main() -> None:
     parser.add_argument("--clip", help="a video file to run end to end against the official pipeline")
     parser.add_argument("--max-len", type=int, default=-1, help="--clip: frames to read (-1: all)")
     parser.add_argument("--streaming", action="store_true", help="--clip: the streaming modes")
+    parser.add_argument("--video-preset", default="veryfast",
+                        help="--clip: x264 preset of our mp4s (the official's are x264's default, medium)")
     parser.add_argument("--only", choices=("step", "video", "clip"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--depths", help=argparse.SUPPRESS)

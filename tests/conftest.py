@@ -36,3 +36,14 @@ def tiny_model(tiny_model_dir):
     from vda_jax.checkpoint import load_checkpoint
 
     return load_checkpoint(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def x264_subme():
+    """Reads an mp4's x264 "subme" setting (x264 writes its settings into the stream; presets differ in it)."""
+
+    def read(path) -> int:
+        settings = pathlib.Path(path).read_bytes().split(b"x264 - core")[1][:2000].decode("ascii", "replace")
+        return int(settings.split("subme=")[1].split()[0])
+
+    return read

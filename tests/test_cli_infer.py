@@ -44,10 +44,10 @@ def videos(tmp_path_factory):
     return paths
 
 
-def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, videos, tmp_path, capsys):
+def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, videos, tmp_path, capsys, x264_subme):
     out = tmp_path / "out"
     args = ["infer", *map(str, videos), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
-            "--input-size", "28", "--save-npz", "--batch-size", "2", "--quiet"]
+            "--input-size", "28", "--save-npz", "--batch-size", "2", "--video-preset", "ultrafast", "--quiet"]
     assert cli.main(args) == 0
     assert sorted(os.listdir(out)) == ["clip0_depths.npz", "clip0_src.mp4", "clip0_vis.mp4",
                                        "clip1_depths.npz", "clip1_src.mp4", "clip1_vis.mp4"]
@@ -58,6 +58,7 @@ def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, video
         expected = infer_video_depth(model, np.stack(list(read_frames(str(video), max_res=1280))), input_size=28)
         np.testing.assert_allclose(depths, expected, rtol=1e-5, atol=1e-5 * expected.max())
         assert len(list(read_frames(str(out / f"{name}_vis.mp4")))) == len(depths)
+        assert x264_subme(out / f"{name}_vis.mp4") == x264_subme(out / f"{name}_src.mp4") == 0  # ultrafast
     # A second run finds everything done and skips it.
     capsys.readouterr()
     assert cli.main(args) == 0
@@ -105,8 +106,9 @@ def _error(capsys) -> str:
 def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monkeypatch):
     assert cli.main(["infer", str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path)]) == 1
     assert "missing.mp4" in _error(capsys)
-    with pytest.raises(SystemExit):
-        cli.main(["infer", "x.mp4", "--batch-size", "0"])
+    for bad in (["--batch-size", "0"], ["--video-preset", "quick"]):
+        with pytest.raises(SystemExit):
+            cli.main(["infer", "x.mp4", *bad])
     capsys.readouterr()
     video = str(videos[1])
     assert cli.main(["infer", video, "--checkpoint", str(tmp_path / "nowhere")]) == 1

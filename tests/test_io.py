@@ -164,6 +164,31 @@ def test_video_writer_leaves_nothing_on_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+SUBME = {"ultrafast": 0, "veryfast": 2, "medium": 7}  # x264's subpixel refinement per preset
+
+
+@pytest.mark.parametrize("preset", SUBME)
+def test_video_presets_reach_x264(tmp_path, preset, x264_subme):
+    frames = _smooth_frames(3, 16, 24)
+    src = _write_video(tmp_path / "src.mp4", frames) if preset == "veryfast" else None  # the default
+    with VideoWriter(str(tmp_path / "out.mp4"), fps=30, preset=preset) as writer:
+        writer.write(frames)
+    with outputs.DepthVisWriter(str(tmp_path / "vis.mp4"), fps=30, preset=preset) as writer:
+        writer.write(frames[..., 0].astype(np.float32))
+    for name in ("out.mp4", "vis.mp4") + (("src.mp4",) if src else ()):
+        assert x264_subme(tmp_path / name) == SUBME[preset], name
+    assert np.abs(np.stack(list(read_frames(str(tmp_path / "out.mp4")))).astype(int) - frames).mean() < 2.5
+
+
+def test_unknown_video_preset(tmp_path):
+    for make in (lambda: VideoWriter(str(tmp_path / "a.mp4"), 30, preset="quick"),
+                 lambda: outputs.DepthVisWriter(str(tmp_path / "a.mp4"), 30, preset="quick")):
+        with pytest.raises(ValueError, match="unknown x264 preset 'quick'; use one of ultrafast,") as error:
+            make()
+        assert "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_colorize():
     image = outputs.colorize(np.array([[2.0, 5.0, 1.0, 9.0]]), 2, 5)
     assert image.shape == (1, 4, 3) and image.dtype == np.uint8

@@ -31,7 +31,7 @@ import tqdm
 from vda_jax import interrupts
 from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
-from vda_jax.io.video import VideoInfo, VideoWriter, encoded_shape, probe, read_frames, source_name
+from vda_jax.io.video import VideoInfo, VideoWriter, check_preset, encoded_shape, probe, read_frames, source_name
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.runtime.model import ExportedModel
 
@@ -54,6 +54,7 @@ class OutputOptions:
     save_ply: bool = False
     focal_length: tuple[float, float] = (470.4, 470.4)
     overwrite: bool = False
+    video_preset: str = "veryfast"  # x264's speed for the mp4s (VideoWriter)
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ def check_options(options: OutputOptions) -> None:
     """Raises ValueError for options that cannot work, before any model is loaded."""
     if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
         raise ValueError(f"--output-dir {options.output_dir!r} is a file; name a folder (it is created if missing)")
+    check_preset(options.video_preset)
     if options.save_exr and not outputs.exr_available():
         raise ValueError(f"--save-exr needs the OpenEXR package: {outputs.EXR_INSTALL}")
 
@@ -121,8 +123,9 @@ class VideoOutputs:
         self.stage = os.path.join(options.output_dir, f".{name}_outputs.{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(self.stage)
         self.staged = {key: os.path.join(self.stage, os.path.basename(path)) for key, path in paths.items()}
-        self.src = VideoWriter(self.staged["src"], fps)
-        self.writers = [outputs.DepthVisWriter(self.staged["vis"], fps, grayscale=options.grayscale)]
+        self.src = VideoWriter(self.staged["src"], fps, preset=options.video_preset)
+        self.writers = [outputs.DepthVisWriter(self.staged["vis"], fps, grayscale=options.grayscale,
+                                               preset=options.video_preset)]
         if "npz" in paths:
             self.writers.append(outputs.NpzDepthWriter(self.staged["npz"]))
         if "exr" in paths:

@@ -24,7 +24,7 @@ from typing import Self
 import numpy as np
 
 from vda_jax.io._inferno import INFERNO
-from vda_jax.io.video import AtomicPath, VideoWriter
+from vda_jax.io.video import AtomicPath, VideoWriter, check_preset
 
 EXR_INSTALL = 'pip install -e ".[exr]"'  # the README's command, run in the vda-jax folder
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -148,10 +148,11 @@ class DepthVisWriter(_DepthWriter):
     Temporary disk use is ``2 * N * H * W`` bytes.
     """
 
-    def __init__(self, path: str, fps: float, *, grayscale: bool = False, crf: int = 18):
+    def __init__(self, path: str, fps: float, *, grayscale: bool = False, crf: int = 18, preset: str = "veryfast"):
+        check_preset(preset)
         self.path = path
         self.vmin, self.vmax = np.inf, -np.inf
-        self._fps, self._grayscale, self._crf = fps, grayscale, crf
+        self._fps, self._grayscale, self._crf, self._preset = fps, grayscale, crf, preset
         self._spool = _Spool(os.path.dirname(os.path.abspath(path)), np.float16)
 
     def write(self, depth: np.ndarray) -> None:
@@ -166,7 +167,7 @@ class DepthVisWriter(_DepthWriter):
         try:
             if self._spool.num_frames == 0:
                 raise ValueError(f"no depth frames were written for {self.path!r}; write at least one before closing.")
-            with VideoWriter(self.path, self._fps, crf=self._crf) as video:
+            with VideoWriter(self.path, self._fps, crf=self._crf, preset=self._preset) as video:
                 for chunk in self._spool.chunks(_ENCODE_CHUNK):
                     video.write(colorize(chunk, self.vmin, self.vmax, grayscale=self._grayscale))
         finally:
