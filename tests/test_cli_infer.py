@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -187,6 +188,67 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
     assert err.strip().splitlines()[-1] == "vda-jax: interrupted" and "Traceback" not in err
     assert not out.exists(), os.listdir(out)  # no temporary, no partial output, not the folder this run made
     assert _processes_naming(str(tmp_path)) == []  # no ffmpeg left decoding or encoding
+
+
+def _finish_clip0_with(monkeypatch, action):
+    """Makes clip0's outputs run ``action()`` before they are finished (encoded and moved into place)."""
+    finish = files.VideoOutputs.finish
+
+    def patched(sink):
+        if "clip0" in sink.paths["src"]:
+            action()
+        finish(sink)
+
+    monkeypatch.setattr(files.VideoOutputs, "finish", patched)
+
+
+def _infer(model, videos, out, **kwargs):
+    return files.infer_files(model, [str(v) for v in videos], files.OutputOptions(str(out), save_npz=True),
+                             files.ReadOptions(), input_size=28, progress=False, **kwargs)
+
+
+def test_a_video_is_finished_while_the_next_one_runs(tiny_model, videos, tmp_path, monkeypatch):
+    second_written = threading.Event()
+    write = files.VideoOutputs.write
+
+    def noting_write(sink, depth):
+        if "clip1" in sink.paths["src"]:
+            second_written.set()
+        write(sink, depth)
+
+    monkeypatch.setattr(files.VideoOutputs, "write", noting_write)
+    overlapped = []
+    _finish_clip0_with(monkeypatch, lambda: overlapped.append(second_written.wait(timeout=60)))
+    report = _infer(tiny_model, videos, tmp_path)
+    assert overlapped == [True]  # clip1's depths came while clip0 waited to be finished
+    assert sorted(report.written) == sorted(map(str, videos)) and not report.failed
+    assert sorted(os.listdir(tmp_path)) == sorted(f"clip{i}_{kind}" for i in range(2)
+                                                  for kind in ("depths.npz", "src.mp4", "vis.mp4"))
+
+
+def test_a_video_that_fails_to_finish_fails_alone(tiny_model, videos, tmp_path, monkeypatch):
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    _finish_clip0_with(monkeypatch, full_disk)
+    logged = []
+    report = _infer(tiny_model, videos, tmp_path, log=logged.append)
+    assert report.failed == [str(videos[0])] and report.written == [str(videos[1])]
+    assert logged == [f"{videos[0]}: error: [Errno 28] No space left on device"]
+    assert sorted(os.listdir(tmp_path)) == ["clip1_depths.npz", "clip1_src.mp4", "clip1_vis.mp4"]
+
+
+def test_ctrl_c_while_a_video_is_finished_in_the_background(tiny_model, videos, tmp_path, monkeypatch):
+    def interrupt_then_wait():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(0.5)  # the interrupt reaches the main thread while this video is being finished
+
+    _finish_clip0_with(monkeypatch, interrupt_then_wait)
+    with pytest.raises(KeyboardInterrupt):
+        _infer(tiny_model, videos, tmp_path)
+    # The video being finished completes; the other leaves nothing, and no temporary is left.
+    assert sorted(os.listdir(tmp_path)) == ["clip0_depths.npz", "clip0_src.mp4", "clip0_vis.mp4"]
+    assert len(np.load(tmp_path / "clip0_depths.npz")["depths"]) == 30
 
 
 def test_ctrl_c_while_outputs_move_waits_for_all_of_them(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ file stem, a folder's name, or an image pattern's folder name. A video's outputs
 are written into a hidden staging folder and moved into place together when it
 is done (Ctrl-C waits for the move), so a video has all of its outputs or none,
 and an interrupted run is resumed by running it again: finished videos are
-skipped and the staging folders of interrupted ones are removed.
+skipped and the staging folders of interrupted ones are removed. The depth video
+is encoded, and the outputs moved, in a background thread while the next videos run.
 
 Several processes (``share``) split the sources round-robin, each writing its own.
 """
@@ -16,8 +17,10 @@ Several processes (``share``) split the sources round-robin, each writing its ow
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -113,12 +116,14 @@ class _PlyWriter:
 class VideoOutputs:
     """The sink of one video: the processed source video and every requested depth output.
 
-    Everything is written into a hidden staging folder beside the outputs; ``close``
-    moves it all into place, ``abort`` removes it.
+    Everything is written into a hidden staging folder beside the outputs; ``finish``
+    moves it all into place, ``abort`` removes it. ``close`` finishes, or hands the
+    sink to ``closer`` to finish it in the background.
     """
 
-    def __init__(self, name: str, paths: dict[str, str], fps: float, options: OutputOptions):
-        self.paths = paths
+    def __init__(self, name: str, paths: dict[str, str], fps: float, options: OutputOptions, *,
+                 closer: Callable[[VideoOutputs], None] | None = None):
+        self.paths, self.closer = paths, closer
         self.committed = self.finished = False
         self.stage = os.path.join(options.output_dir, f".{name}_outputs.{uuid.uuid4().hex[:8]}.tmp")
         os.makedirs(self.stage)
@@ -153,7 +158,13 @@ class VideoOutputs:
             writer.write(depth)
 
     def close(self) -> None:
-        """Finishes every output and moves them all into place."""
+        if self.closer:
+            self.closer(self)
+        else:
+            self.finish()
+
+    def finish(self) -> None:
+        """Finishes every output (the depth video is encoded now) and moves them all into place."""
         self.src.close()
         for writer in self.writers:
             writer.close()
@@ -175,6 +186,43 @@ class VideoOutputs:
             for writer in self.writers:
                 writer.abort()
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+class _Closer:
+    """Finishes sinks in a background thread, so that the windows of the next videos run meanwhile.
+
+    At most ``pending`` sinks wait or run; ``submit`` waits for the oldest beyond that.
+    A sink that fails to finish goes to ``on_error(source, sink, error)``, in the caller's thread.
+    """
+
+    def __init__(self, on_error: Callable[[str, VideoOutputs, Exception], None], pending: int = 2):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vda-jax-finish")
+        self._queue: collections.deque[tuple[str, VideoOutputs, concurrent.futures.Future]] = collections.deque()
+        self._on_error, self._pending = on_error, pending
+
+    def submit(self, source: str, sink: VideoOutputs) -> None:
+        while len(self._queue) >= self._pending:
+            self._wait_oldest()
+        with interrupts.held():  # the pool's thread starts here: Ctrl-C must not leave it running unknown
+            self._queue.append((source, sink, self._pool.submit(sink.finish)))
+
+    def wait(self) -> None:
+        """Waits until every sink submitted is finished (or has failed)."""
+        while self._queue:
+            self._wait_oldest()
+
+    def stop(self) -> None:
+        """Drops the sinks not started and waits for the one being finished (which then completes)."""
+        self._pool.shutdown(cancel_futures=True)
+
+    def _wait_oldest(self) -> None:
+        source, sink, future = self._queue[0]
+        try:
+            future.result()
+        except (ValueError, OSError) as e:
+            self._on_error(source, sink, e)
+        finally:
+            self._queue.popleft()
 
 
 def _remove_stale(output_dir: str, name: str) -> None:
@@ -256,6 +304,13 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
 
     sinks: dict[str, VideoOutputs] = {}
 
+    def failed(source: str, sink: VideoOutputs, error: Exception) -> None:
+        sink.abort()
+        log(f"{source}: error: {error}")
+        report.failed.append(source)
+
+    closer = _Closer(failed)
+
     def jobs(group: list[VideoInfo]) -> Iterator[VideoJob]:
         for info in group:
             try:  # probes again: the file may have changed since
@@ -265,14 +320,13 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
                 log(f"{info.path}: error: {e}")
                 report.failed.append(info.path)
                 continue
-            sink = VideoOutputs(source_name(info.path), output_paths(info.path, options), info.fps, options)
+            sink = VideoOutputs(source_name(info.path), output_paths(info.path, options), info.fps, options,
+                                closer=functools.partial(closer.submit, info.path))
             sinks[info.path] = sink
             yield VideoJob(sink.tee(frames), sink, info.path)
 
     def on_error(job: VideoJob, error: Exception) -> None:
-        job.sink.abort()
-        log(f"{job.name}: error: {error}")
-        report.failed.append(job.name)
+        failed(job.name, job.sink, error)
 
     try:
         for frame_size, group in infos.items():
@@ -282,7 +336,9 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
             else:
                 run_videos(model, frame_size, jobs(group), input_size=input_size, precision=precision,
                            slots=min(batch_size, len(group)), on_frames=done, on_error=on_error)
+        closer.wait()
     finally:
+        closer.stop()  # before the aborts: a sink being finished completes first
         for sink in sinks.values():
             sink.abort()  # all but the committed ones: what an exception or Ctrl-C cut short
         for source in sources:  # and a sink cut short while it was being made
