@@ -158,6 +158,7 @@ class VideoOutputs:
             writer.write(depth)
 
     def close(self) -> None:
+        """Finishes now, or hands the sink to ``closer`` (which calls ``finish``)."""
         if self.closer:
             self.closer(self)
         else:
