@@ -248,7 +248,8 @@ def measure_clip(args) -> dict:
 
     Stages: decode (the decoder, in the decode thread), src_encode (the source video, same
     thread), device_wait (the main thread waiting for depths: compute not hidden behind the
-    host), depth_write (colour map and encoding of the depth video), rest (dispatch, copies).
+    host), depth_write (colour map and encoding of the depth video, in the background thread that
+    finishes a video), rest (dispatch, copies).
     """
     import tempfile
 
@@ -271,7 +272,7 @@ def measure_clip(args) -> dict:
         stages.seconds["depth_write"] += time.perf_counter()
 
     files.VideoOutputs.write = keep_and_write
-    files.VideoOutputs.close = stages.timed("depth_write", files.VideoOutputs.close)
+    files.VideoOutputs.finish = stages.timed("depth_write", files.VideoOutputs.finish)  # in its own thread
     collect = video._collect
 
     def timed_collect(out, info, on_frames):
