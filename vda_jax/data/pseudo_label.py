@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -35,6 +36,7 @@ from vda_jax.inference.sizing import network_size
 from vda_jax.io.video import AtomicPath
 from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.runtime.preprocess import preprocess, resize_depth
+from vda_jax.xla_options import compiler_options
 
 
 class UnreadableImagesError(ValueError):
@@ -97,10 +99,15 @@ def _read_image(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-@nnx.jit
-def _predict(model: VideoDepthAnything, x: jax.Array) -> jax.Array:
-    """Normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each image a one-frame clip."""
-    return model(x[:, None], model.frames_per_chunk(x.shape[1:3]))[:, 0]
+@functools.lru_cache(maxsize=8)
+def _predictor(graphdef: nnx.GraphDef):
+    """Jitted ``(params, x)``: normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each a one-frame clip."""
+
+    def predict(params: nnx.State, x: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        return model(x[:, None], model.frames_per_chunk(x.shape[1:3]))[:, 0]
+
+    return jax.jit(predict, compiler_options=compiler_options())
 
 
 def _write_labels(output_dir: str, images: list[str], sizes: list[tuple[int, int]], depth: jax.Array) -> None:
@@ -146,8 +153,9 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
             groups[network_size(size, input_size, limit_aspect=False)].append((image, size))
     batches = [(net_size, group[i:i + batch_size])
                for net_size, group in groups.items() for i in range(0, len(group), batch_size)]
-    model = compute_model(model, precision)
+    graphdef, params = nnx.split(compute_model(model, precision))
     compilation_cache.enable()
+    predict = _predictor(graphdef)
 
     total = sum(len(batch) for _, batch in batches)
     labelled = 0
@@ -166,7 +174,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
                 continue
             batch = readable
             x += x[-1:] * (batch_size - len(x))  # a full batch: one compiled step per network size
-            depth = _predict(model, np.stack(x))  # runs while the previous labels are written
+            depth = predict(params, np.stack(x))  # runs while the previous labels are written
             if pending:
                 _write_labels(output_dir, *pending)
                 bar.update(len(pending[0]))

@@ -39,6 +39,7 @@ from vda_jax.inference.preprocess import network_size, preprocess
 from vda_jax.models.temporal import Cache
 from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.ops.resize import resize_bilinear_align_corners
+from vda_jax.xla_options import compiler_options
 
 CONTEXT_FRAMES = window.WINDOW_FRAMES - 1  # 31 past frames per new frame
 RECENT_FRAMES = CONTEXT_FRAMES - 2  # 29: all but frame 0 and the key frame
@@ -121,7 +122,8 @@ def _compiled(graphdef: nnx.GraphDef, net_size: tuple[int, int]):
     def step(params, state, frame):
         return stream_step(nnx.merge(graphdef, params), state, frame, net_size)
 
-    return jax.jit(start), jax.jit(step, donate_argnums=1)
+    options = compiler_options()
+    return jax.jit(start, compiler_options=options), jax.jit(step, donate_argnums=1, compiler_options=options)
 
 
 class StreamingDepth:

@@ -30,6 +30,7 @@ from vda_jax import compilation_cache, interrupts
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size
 from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
+from vda_jax.xla_options import compiler_options
 
 _PREFETCH_FRAMES = 2 * window.WINDOW_FRAMES
 
@@ -171,7 +172,7 @@ def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tup
         return window.window_step(model, state, frames, first, real, net_size)
 
     return jax.jit(step, in_shardings=(replicated, sharded, sharded, sharded, sharded),
-                   out_shardings=(sharded, sharded), donate_argnums=1)
+                   out_shardings=(sharded, sharded), donate_argnums=1, compiler_options=compiler_options())
 
 
 class WindowRunner:

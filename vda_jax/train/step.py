@@ -26,6 +26,7 @@ from vda_jax.ops.normalize import normalize
 from vda_jax.train import losses
 from vda_jax.train.sharding import batch_sharding, logical_rules, replicated
 from vda_jax.train.state import TrainState, trainable
+from vda_jax.xla_options import compiler_options
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -168,7 +169,8 @@ def jit_train_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.Sta
     """``train_step`` compiled for states placed by ``shardings``; the input state is donated."""
     return jax.jit(_on_mesh(mesh, opts, functools.partial(train_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
+                   compiler_options=compiler_options())
 
 
 def jit_eval_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.State,
@@ -176,4 +178,4 @@ def jit_eval_step(graphdef: nnx.GraphDef, opts: StepOptions, shardings: nnx.Stat
     """``eval_step`` compiled for states placed by ``shardings``; predictions stay batch-sharded."""
     return jax.jit(_on_mesh(mesh, opts, functools.partial(eval_step, graphdef, opts)),
                    in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(batch_sharding(mesh), replicated(mesh)))
+                   out_shardings=(batch_sharding(mesh), replicated(mesh)), compiler_options=compiler_options())
