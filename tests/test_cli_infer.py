@@ -309,9 +309,10 @@ def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
         assert code == 0, stderr
         assert stdout.strip() == f"process {i} of 2: 2 of 2 videos written to {out}", stderr
     assert sorted(os.listdir(out)) == sorted(os.listdir(single)) and len(os.listdir(out)) == 12
-    for i in range(4):
-        np.testing.assert_array_equal(np.load(out / f"v{i}_depths.npz")["depths"],
-                                      np.load(single / f"v{i}_depths.npz")["depths"])
+    for i in range(4):  # to float rounding: XLA:CPU's kernels split their sums by the process's devices
+        expected = np.load(single / f"v{i}_depths.npz")["depths"]
+        np.testing.assert_allclose(np.load(out / f"v{i}_depths.npz")["depths"], expected,
+                                   rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     broken = tmp_path / "broken.mp4"  # sorts first: process 0's
     broken.write_bytes(b"")
     (code0, stdout0, _), (code1, stdout1, stderr1) = _run_two_processes(

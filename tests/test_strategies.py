@@ -106,7 +106,7 @@ def test_window_scale_drift(stub):
     # The full method feeds frame 0 to every window as a key frame: no drift either.
     full = strategies.infer_with_strategy(stub, frames, "full", input_size=SIZE)
     np.testing.assert_array_equal(full, infer_video_depth(stub, frames, input_size=SIZE))
-    np.testing.assert_allclose(full, stub_depth(grey, first), rtol=1e-5)
+    np.testing.assert_allclose(full, stub_depth(grey, first), rtol=2e-5)  # float32 scale/shift fits
 
 
 def test_identical_frames_give_one_depth_for_every_strategy(stub):

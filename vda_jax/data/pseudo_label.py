@@ -22,7 +22,7 @@ import collections
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -100,7 +100,7 @@ def _read_image(path: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _predictor(graphdef: nnx.GraphDef):
+def _predictor(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """Jitted ``(params, x)``: normalised images ``[B, h, w, 3]`` -> depth ``[B, h, w]``, each a one-frame clip."""
 
     def predict(params: nnx.State, x: jax.Array) -> jax.Array:
