@@ -20,13 +20,10 @@ def fresh_programs():
     stream._compiled.cache_clear()
 
 
-@pytest.mark.parametrize("setting", [None, "off", "on"])
+@pytest.mark.parametrize("setting", ["off", "on"])
 def test_each_setting_reaches_xla_and_matches_the_official_pipelines(
         setting, tiny_model, fixtures, monkeypatch, fresh_programs):
-    if setting is None:
-        monkeypatch.delenv(YNN_ENV, raising=False)
-    else:
-        monkeypatch.setenv(YNN_ENV, setting)
+    monkeypatch.setenv(YNN_ENV, setting)
     ref = np.load(fixtures / "tiny_video.npz")
     frames, input_size = ref[f"{CASE}_frames"], int(ref[f"{CASE}_input_size"])
     depth = video.infer_video_depth(tiny_model, frames, input_size=input_size)
@@ -43,6 +40,11 @@ def test_each_setting_reaches_xla_and_matches_the_official_pipelines(
                                   np.array([32], np.int32)).compile().as_text()
     # XLA's default fuses the encoder's matmuls into YNNPACK calls; the default here has none.
     assert ("ynn_fusion" in compiled) == (setting == "on")
+
+
+def test_off_is_the_default(monkeypatch):
+    monkeypatch.delenv(YNN_ENV, raising=False)
+    assert compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def test_a_bad_setting_is_refused(monkeypatch):
