@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from vda_jax.io.video import X264_PRESETS
+
 
 def generated_frames(count: int, height: int, width: int):
     """A moving, textured test video, frame by frame (uint8 ``[H, W, 3]``)."""
@@ -380,7 +382,7 @@ def main() -> None:
     parser.add_argument("--clip", help="a video file to run end to end against the official pipeline")
     parser.add_argument("--max-len", type=int, default=-1, help="--clip: frames to read (-1: all)")
     parser.add_argument("--streaming", action="store_true", help="--clip: the streaming modes")
-    parser.add_argument("--video-preset", default="veryfast",
+    parser.add_argument("--video-preset", default="veryfast", choices=X264_PRESETS,
                         help="--clip: x264 preset of our mp4s (the official's are x264's default, medium)")
     parser.add_argument("--only", choices=("step", "video", "clip"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
