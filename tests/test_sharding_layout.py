@@ -75,20 +75,36 @@ def one_step(mesh_shape, frames_per_clip):
 expected, expected_metrics, _ = one_step((1, 1, 1), 0)
 updated, metrics, frames = one_step((16, 1, 1), 16)
 assert frames.shape == (16, 28, 42, 3) and len(frames.sharding.device_set) == 16, frames.sharding
-# Devices run convolutions and matmuls on 1 frame instead of 16, whose float32 rounding
-# this random model amplifies to ~3e-5 (relative) in its outputs; a wrong layout (attention
-# across the wrong frames or positions) moves the loss and every update by far more.
-for name, value in expected_metrics.items():
-    np.testing.assert_allclose(metrics[name], value, rtol=3e-4, err_msg=name)
-for path, value in expected.items():
-    if path.startswith("model."):  # Adam moves each parameter by up to LR = 1e-4
-        np.testing.assert_allclose(updated[path], value, rtol=1e-5, atol=2e-6, err_msg=path)
+# The loss terms are float32 means over 16 x 28 x 42 pixels whose summation order the layout
+# changes: rounding stays near log2(n) * 2**-24 * (their conditioning, ~10) ~ 1e-5 (2e-7 with
+# AVX-512, 3e-6 with AVX2 or SSE4.2 code); attention over the wrong frames or positions moves them
+# by more than 1e-2.
+for name in ("loss", "spatial", "stable"):
+    np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=2e-5, err_msg=name)
+# Per parameter, this random model's gradients are sums with heavy cancellation, so their rounding is
+# not small relative to themselves (5% of the Adam updates differ by more than 1e-7); the update
+# *direction* is robust: 1 - cos <= 1e-4 allows a perturbation of up to ~1.4% of the update vector's
+# norm (measured: 4e-6, i.e. 0.3%), and so 1.4% on the gradient norm (measured 4e-4 to 6e-4), where
+# a wrong layout perturbs both by O(1).
+params = jax.device_get(flat_arrays(nnx.state(model)))
+
+
+def update(state):  # the step's change of every trained parameter, one float64 vector
+    return np.concatenate([np.ravel(state[p] - params[p.removeprefix("model.")]).astype(np.float64)
+                           for p in sorted(state) if p.removeprefix("model.") in params and p.startswith("model.")])
+
+
+new_update, old_update = update(updated), update(expected)
+cos = new_update @ old_update / np.linalg.norm(new_update) / np.linalg.norm(old_update)
+assert 1 - cos <= 1e-4, cos
+np.testing.assert_allclose(metrics["grad_norm"], expected_metrics["grad_norm"], rtol=1.4e-2)
 print("equal", {k: float(v) for k, v in metrics.items()})
 """
 
 
 def _run(script: str, devices: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # keep e.g. max_isa
+    env = {**os.environ, "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(_COMMON + script)], env=env,
                           capture_output=True, text=True, timeout=900)
 
