@@ -1,185 +1,152 @@
-"""Per-device memory of the training and inference steps on accelerators, without one (not a test).
+"""Per-device memory, collectives and FLOPs of the train, window and stream steps on a compile target.
 
-Compiles (never runs) the paper's train step and the inference window and stream steps for
-vits and vitl on a simulated mesh of CPU devices, and reads XLA's memory analysis: per device,
-the bytes of the arguments, the outputs and the temporaries. Nothing large is allocated
-(parameters and batches are ``ShapeDtypeStruct``\\ s). CPU figures track the GPU's closely
-(same XLA buffer assignment; GPU fusions differ in details).
+Compiles (never runs) the programs training and inference run, with the accelerator's own
+compiler when the target is one (``vda_jax.aot.targets``: "h100:8", "a100-40g:8",
+"tpu-v5e:4x4", ..., which need ``pip install -e ".[aot]"``; "cpu:N" needs nothing), and
+reads, per device: the argument, output and temporary bytes, whether that fits the device
+(GPUs: JAX's default 75% share, ``XLA_PYTHON_CLIENT_MEM_FRACTION``; TPUs: the whole HBM),
+the fused attention calls, the collectives, the FLOPs and a roofline estimate of the step.
+Nothing large is allocated and no GPU or TPU is needed.
 
-  python scripts/memory_plan.py                 # the table
-  python scripts/memory_plan.py --json          # a list of objects, one per configuration
-  python scripts/memory_plan.py --only vitl:train batch_size=12    # one model:job, config overrides
+  python scripts/memory_plan.py --target h100:8                       # the table, paper configs
+  python scripts/memory_plan.py --target h100:8 --only vitl:train --json
+  python scripts/memory_plan.py --target tpu-v5p:2x2x2 --only vitl:train batch_size=32  # config overrides
+  python scripts/memory_plan.py --target cpu:2 --config synthetic_tiny --frame 56x56 --input-size 56
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import functools
+import json
+import sys
+import time
+from collections.abc import Iterator
 
-DEVICES = 8
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}")
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from vda_jax.config import model_config  # noqa: E402
-from vda_jax.inference import stream, video, window  # noqa: E402
-from vda_jax.inference.preprocess import network_size  # noqa: E402
-from vda_jax.models.vda import VideoDepthAnything, compute_model, default_chunk_bytes  # noqa: E402
-from vda_jax.train import sharding  # noqa: E402
-from vda_jax.train.config import load_config, model_config_from  # noqa: E402
-from vda_jax.train.optimizer import make_optimizer  # noqa: E402
-from vda_jax.train.state import abstract_train_state, trained_groups  # noqa: E402
-from vda_jax.train.step import StepOptions, jit_train_step, training_model  # noqa: E402
-
-PAPER = pathlib.Path(__file__).resolve().parents[1] / "configs" / "train" / "paper.py"
-FRAME_720P = (720, 1280)
 GIB = 2**30
+JOBS = ("train", "window", "stream")
+PAPER_VARIANTS = ("vits", "vitl")
+# Window rows: (precision, videos per step); the videos split over as many of the target's devices.
+WINDOW_ROWS = (("fp32", 1), ("bf16", 1), ("bf16", 8))
+STREAM_PRECISIONS = ("fp32", "bf16")
 
 
-@dataclasses.dataclass
-class Plan:
-    """One compiled configuration and its per-device bytes."""
-
-    model: str
-    job: str
-    precision: str
-    batch: int
-    frames: int
-    height: int
-    width: int
-    devices: int
-    arguments: int
-    outputs: int
-    temporaries: int
-    compile_s: float
-
-    @property
-    def per_device_bytes(self) -> int:
-        return self.arguments + self.outputs + self.temporaries
-
-    def to_json(self) -> dict:
-        keys = ("model", "job", "precision", "batch", "frames", "height", "width", "devices")
-        return {**{k: getattr(self, k) for k in keys}, "per_device_bytes": self.per_device_bytes,
-                "arguments_bytes": self.arguments, "outputs_bytes": self.outputs,
-                "temporaries_bytes": self.temporaries, "compile_s": self.compile_s}
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, e.g. 720x1280, got {text!r}")
+    return int(height), int(width)
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def _analyse(lowered: jax.stages.Lowered) -> tuple[int, int, int]:
-    stats = lowered.compile().memory_analysis()
-    # Donated arguments alias outputs: count those bytes once.
-    outputs = stats.output_size_in_bytes - stats.alias_size_in_bytes
-    return stats.argument_size_in_bytes, outputs, stats.temp_size_in_bytes
-
-
-def plan_train(variant: str, overrides: list[str]) -> Plan:
-    """The paper's train step (``configs/train/paper.py:VARIANT`` with ``overrides``)."""
-    config = load_config(f"{PAPER}:{variant}", overrides)
-    mesh = sharding.make_mesh(**config.mesh)
-    model = nnx.eval_shape(lambda: training_model(VideoDepthAnything(model_config_from(config.model)),
-                                                  config.precision, mesh))
-    tx = make_optimizer(config.optimizer, config.total_steps, trained_groups(config.train_encoder))
-    graphdef, abstract = abstract_train_state(model, tx, train_encoder=config.train_encoder)
-    shardings = sharding.state_shardings(abstract, mesh, config.sharding.tensor_rules, config.sharding.min_fsdp_size)
-    options = StepOptions.from_config(config)
-    b, t, (h, w) = config.batch_size, config.data.clip_frames, config.data.crop_size
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {"frames": jax.ShapeDtypeStruct((b, t, h, w, 3), jnp.uint8, sharding=batch_sharding),
-             "depth": jax.ShapeDtypeStruct((b, t, h, w), jnp.float32, sharding=batch_sharding),
-             "mask": jax.ShapeDtypeStruct((b, t, h, w), jnp.bool_, sharding=batch_sharding)}
-    start = time.perf_counter()
-    sizes = _analyse(jit_train_step(graphdef, options, shardings, mesh).lower(_abstract(abstract, shardings), batch))
-    return Plan(variant, "train", config.precision, b, t, h, w, mesh.size, *sizes, time.perf_counter() - start)
-
-
-def _abstract_params(variant: str, precision: str, mesh: jax.sharding.Mesh):
-    """A GPU's inference model: XLA attention (cuDNN's needs less), the GPU's chunk budget."""
-    model = nnx.eval_shape(lambda: compute_model(VideoDepthAnything(model_config(variant)), precision,
-                                                 attention="xla", chunk_bytes=default_chunk_bytes("gpu")))
-    graphdef, params = nnx.split(model)
-    return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                 sharding=NamedSharding(mesh, P())), params)
-
-
-def plan_window(variant: str, precision: str, slots: int, devices: int) -> Plan:
-    """One window step of the long-video inference at 720p, ``slots`` videos on ``devices``."""
-    mesh = video.slot_mesh(slots, jax.devices()[:devices])
-    net_size = network_size(FRAME_720P, 518)
-    graphdef, params = _abstract_params(variant, precision, mesh)
-    init, _, step = video._compiled(graphdef, FRAME_720P, net_size, video.padded_slots(slots, mesh), mesh)
-    state = jax.eval_shape(init, params)
-    slot_axis = NamedSharding(mesh, P("data"))
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=slot_axis), state)
-    frames = jax.ShapeDtypeStruct((state.reference.shape[0], window.STRIDE, *FRAME_720P, 3), jnp.uint8,
-                                  sharding=slot_axis)
-    first = jax.ShapeDtypeStruct((state.reference.shape[0],), jnp.bool_, sharding=slot_axis)
-    start = time.perf_counter()
-    sizes = _analyse(step.lower(params, state, frames, first))
-    return Plan(variant, "window", precision, slots, window.WINDOW_FRAMES, *net_size, devices, *sizes,
-                time.perf_counter() - start)
-
-
-def plan_stream(variant: str, precision: str) -> Plan:
-    """One streaming step (one new frame over 31 cached ones) at 720p on one device."""
-    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    net_size = network_size(FRAME_720P, 518)
-    graphdef, params = _abstract_params(variant, precision, mesh)
-    start_fn, step = stream._compiled(graphdef, net_size)
-    frame = jax.ShapeDtypeStruct((*FRAME_720P, 3), jnp.uint8)
-    state, _ = jax.eval_shape(start_fn, params, frame)
-    start = time.perf_counter()
-    sizes = _analyse(step.lower(params, state, frame))
-    return Plan(variant, "stream", precision, 1, 1, *net_size, 1, *sizes, time.perf_counter() - start)
-
-
-def _plans(variant: str, job: str, overrides: list[str]) -> list[Plan]:
-    if job == "train":
-        return [plan_train(variant, overrides)]
-    if job == "window":  # (precision, videos, devices)
-        return [plan_window(variant, *c) for c in (("fp32", 1, 1), ("bf16", 1, 1), ("bf16", 4, 1), ("bf16", 4, 4))]
-    return [plan_stream(variant, p) for p in ("fp32", "bf16")]
-
-
-def all_plans(only: str | None, overrides: list[str]):
-    """Yields the plans of every configuration (or of ``only`` = "MODEL:JOB")."""
-    for variant in ("vits", "vitl"):
-        for job in ("train", "window", "stream"):
-            if only is None or only == f"{variant}:{job}":
-                yield from _plans(variant, job, overrides)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--target", default="cpu:8", help="devices to compile for: cpu:N, h100:N, h200:N, "
+                        "a100-80g:N, a100-40g:N, tpu-<gen>:<topology> (e.g. tpu-v5e:2x2)")
+    parser.add_argument("--config", default="paper", help="training config: 'paper' (its vits and vitl variants), "
+                        "another shipped name or a .py file; its model is the one the window and stream rows use")
+    parser.add_argument("--only", help="one group: MODEL:JOB (e.g. vitl:train), or JOB for every model")
+    parser.add_argument("--frame", type=_size, default=(720, 1280), help="video frame size of the window and "
+                        "stream rows, HEIGHTxWIDTH")
+    parser.add_argument("--input-size", type=int, default=518, help="inference input size (short side)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
-    parser.add_argument("--only", help="one configuration group, MODEL:JOB, e.g. vitl:train")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
-    args = parser.parse_args()
-    plans = []
-    if not args.json:
-        print(f"{'model':5} {'job':6} {'prec':4} {'batch':>5} {'frames':>6} {'size':>9} {'dev':>3} "
-              f"{'args GiB':>8} {'out GiB':>7} {'temp GiB':>8} {'total GiB':>9} {'compile s':>9}")
-    for plan in all_plans(args.only, args.overrides):
-        plans.append(plan)
+    args = parser.parse_args(argv)
+    if args.only is not None and args.only.rpartition(":")[2] not in JOBS:
+        parser.error(f"--only takes MODEL:JOB or JOB with JOB one of {', '.join(JOBS)}, got {args.only!r}")
+    return args
+
+
+def _configs(name: str, overrides: list[str]):
+    from vda_jax.train.config import load_config
+
+    if name == "paper":
+        return [(variant, load_config(f"paper:{variant}", overrides)) for variant in PAPER_VARIANTS]
+    return [(name.removesuffix(".py").rpartition("/")[2], load_config(name, overrides))]
+
+
+def plans(args: argparse.Namespace, target) -> Iterator[dict]:
+    """One JSON row per compiled program."""
+    from vda_jax.aot import programs, report
+    from vda_jax.inference.preprocess import network_size
+    from vda_jax.train.config import model_config_from
+
+    net_size = network_size(args.frame, args.input_size)
+    for label, config in _configs(args.config, args.overrides):
+        model = model_config_from(config.model)
+        for job in JOBS:
+            if args.only not in (None, job, f"{label}:{job}"):
+                continue
+            if job == "train":
+                clip = config.data.clip_frames
+                rows = [("train", config.precision, config.batch_size, clip, config.data.crop_size,
+                         functools.partial(programs.train_step, config, target))]
+                if config.data.image_ratio > 0:
+                    rows.append(("train-images", config.precision, config.image_batch_size, 1, config.data.crop_size,
+                                 functools.partial(programs.train_step, config, target, clip_frames=1)))
+            elif job == "window":
+                window = functools.partial(programs.window_step, model, frame_size=args.frame, net_size=net_size,
+                                           target=target)
+                rows = [("window", precision, videos, 32, net_size, functools.partial(window, precision, slots=videos))
+                        for precision, videos in WINDOW_ROWS]
+            else:
+                rows = [("stream", precision, 1, 1, net_size,
+                         functools.partial(programs.stream_step, model, precision, args.frame, net_size, target))
+                        for precision in STREAM_PRECISIONS]
+            for name, precision, batch, frames, (height, width), trace in rows:
+                start = time.perf_counter()
+                traced = trace()
+                compiled, options = programs.compile_for(traced.lower(), target)
+                figures = report.analyse(traced, compiled, target, time.perf_counter() - start)
+                yield {"model": label, "job": name, "precision": precision, "batch": batch, "frames": frames,
+                       "height": height, "width": width, **figures.to_json(), "compiler_options": options}
+
+
+def _collectives(row: dict) -> str:
+    return " ".join(f"{kind}:{c['count']}/{c['bytes'] / GIB:.2f}G" for kind, c in sorted(row["collectives"].items()))
+
+
+def print_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'model':14} {'job':12} {'prec':4} {'batch':>5} {'frames':>6} {'size':>9} {'dev':>4} {'args':>6} "
+              f"{'out':>6} {'temp':>6} {'total':>6} {'usable':>6} {'fits':>4} {'fmha':>4} {'TFLOP':>7} "
+              f"{'roof ms':>7} {'compile':>7}  collectives (count/bytes)   [GiB per device]")
+    usable = "-" if row["usable_memory_bytes"] is None else f"{row['usable_memory_bytes'] / GIB:6.1f}"
+    fits = {None: "-", True: "yes", False: "NO"}[row["fits"]]
+    tflop = "-" if row["flops"] is None else f"{row['flops'] / 1e12:7.2f}"
+    roof = "-" if row["roofline_step_seconds"] is None else f"{row['roofline_step_seconds'] * 1e3:7.1f}"
+    print(f"{row['model']:14} {row['job']:12} {row['precision']:4} {row['batch']:5} {row['frames']:6} "
+          f"{row['height']:4}x{row['width']:<4} {row['devices']:4} {row['arguments_bytes'] / GIB:6.2f} "
+          f"{row['outputs_bytes'] / GIB:6.2f} {row['temporaries_bytes'] / GIB:6.2f} "
+          f"{row['per_device_bytes'] / GIB:6.2f} {usable:>6} {fits:>4} {row['fused_attention_calls']:4} {tflop:>7} "
+          f"{roof:>7} {row['compile_s']:7.1f}  {_collectives(row)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    # Compile-only: never start a GPU or TPU backend; cpu:N asks for N host devices.
+    jax.config.update("jax_platforms", "cpu")
+    kind, _, count = args.target.partition(":")
+    if kind == "cpu" and count.isdigit():
+        jax.config.update("jax_num_cpu_devices", int(count))
+    from vda_jax.aot.targets import TargetError, get_target
+
+    try:
+        target = get_target(args.target)
+    except TargetError as e:
+        print(f"memory_plan.py: error: {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for row in plans(args, target):
         if not args.json:
-            print(f"{plan.model:5} {plan.job:6} {plan.precision:4} {plan.batch:5} {plan.frames:6} "
-                  f"{plan.height:4}x{plan.width:<4} {plan.devices:3} {plan.arguments / GIB:8.2f} "
-                  f"{plan.outputs / GIB:7.2f} {plan.temporaries / GIB:8.2f} {plan.per_device_bytes / GIB:9.2f} "
-                  f"{plan.compile_s:9.1f}", flush=True)
+            print_row(row, header=not rows)
+        rows.append(row)
     if args.json:
-        print(json.dumps([p.to_json() for p in plans], indent=1))
+        print(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,18 @@
-"""Shared test setup: 8 host CPU devices for sharding tests, exact float32 matmuls."""
+"""Shared test setup: 8 host CPU devices for sharding tests, exact float32 matmuls.
+
+The suite runs on the host CPU whatever accelerators the machine has (its tolerances are the
+CPU's); tests marked ``aot`` compile for GPUs and TPUs without them and need the ``[aot]``
+extra: where JAX's CUDA compiler or libtpu is missing they are deselected.
+"""
 
 import os
 import pathlib
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Other flags (e.g. --xla_cpu_max_isa) are kept.
+os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(),
+                                    "--xla_force_host_platform_device_count=8"])
 # Compiled programs are shared within a test session, not with the user's cache.
 os.environ.setdefault("VDA_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="vda-jax-xla-"))
 
@@ -14,6 +22,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+AOT_COMPILERS = ("jax_plugins.xla_cuda13", "libtpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    from vda_jax.aot.targets import installed
+
+    if all(installed(name) for name in AOT_COMPILERS):
+        return
+    deselected = [item for item in items if item.get_closest_marker("aot")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("aot")]
 
 
 @pytest.fixture(scope="session")

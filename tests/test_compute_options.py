@@ -9,8 +9,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vda_jax import precision
+from vda_jax.devices import GIB, Platform
 from vda_jax.models.layers import attention, chunk_frames, default_attention, map_frames
-from vda_jax.models.vda import compute_model
+from vda_jax.models.vda import compute_model, default_chunk_bytes
 
 
 @pytest.mark.parametrize("implementation", ["xla", "cudnn"])
@@ -23,10 +24,20 @@ def test_attention_implementations_agree(implementation):
         attention(q, k, v, "flash")
 
 
-def test_defaults_per_backend():
-    assert [default_attention(b) for b in ("cpu", "gpu", "tpu")] == ["einsum", "cudnn", "xla"]
-    assert [precision.default_precision(b) for b in ("cpu", "gpu")] == ["fp32", "bf16"]
+def test_defaults_follow_the_platform():
+    cpu, h100, v5e = Platform("cpu"), Platform("cuda", 80 * GIB), Platform("tpu", 16 * GIB)
+    unknown_gpu = Platform("rocm")
+    assert [default_attention(p) for p in (cpu, h100, v5e, unknown_gpu)] == ["einsum", "cudnn", "xla", "xla"]
+    assert [precision.default_precision(p) for p in (cpu, h100, v5e)] == ["fp32", "bf16", "bf16"]
+    # A 40th of a device's memory per chunk of frames; one frame at a time on CPU.
+    assert [default_chunk_bytes(p) for p in (cpu, h100, v5e, unknown_gpu)] == [0, 2 * GIB, 16 * GIB // 40, 2 * GIB]
     assert chunk_frames(100, 0) == 1 and chunk_frames(100, 1000) == 10
+
+
+def test_platform_of_devices(tiny_model):
+    assert Platform.of() == Platform.of(jax.devices()[:1]) == Platform("cpu")
+    model = compute_model(tiny_model, devices=jax.devices()[:2])
+    assert (model.encoder.dtype, model.attention, model.chunk_bytes) == (jnp.float32, "einsum", 0)
 
 
 def test_fp32_matmuls_run_at_highest_precision():

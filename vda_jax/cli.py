@@ -266,9 +266,8 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import jax
-
     from vda_jax import compilation_cache, demo
+    from vda_jax.devices import Platform
     from vda_jax.precision import default_precision
 
     demo.check_installed()
@@ -278,7 +277,7 @@ def _demo(args: argparse.Namespace) -> None:
     about = (f"Model: {args.checkpoint or 'the bundled demo model (synthetic scenes only)'}, "
              f"{'metric' if model.config.metric else 'relative'} depth.")
     with demo.running(model, args.input_size or input_size, limits, about=about, host=args.host, port=args.port,
-                      precision=args.precision or default_precision(jax.default_backend())) as page:
+                      precision=args.precision or default_precision(Platform.of())) as page:
         print(f"vda-jax demo: serving {page.local_url} (Ctrl-C stops)", flush=True)
         page.block_thread()
 

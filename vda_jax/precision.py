@@ -13,7 +13,10 @@ dtype of the activations and the precision of float32 matmuls and convolutions:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vda_jax.devices import Platform
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 _DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16"}
@@ -39,6 +42,6 @@ def matmul_precision(name: str) -> str | None:
     return _MATMUL[check_precision(name)]
 
 
-def default_precision(backend: str) -> str:
-    """The precision for a JAX backend ("cpu", "gpu", ...): fp32 on CPU, bf16 on accelerators."""
-    return "fp32" if backend == "cpu" else "bf16"
+def default_precision(platform: Platform) -> str:
+    """The precision for a program's devices (``Platform.of``): fp32 on CPU, bf16 on accelerators."""
+    return "fp32" if platform.kind == "cpu" else "bf16"

@@ -28,6 +28,7 @@ import numpy as np
 import tqdm
 
 from vda_jax.data.builders import open_split
+from vda_jax.devices import Platform
 from vda_jax.eval import metrics
 from vda_jax.eval.strategies import infer_with_strategy
 from vda_jax.io.video import AtomicPath
@@ -195,7 +196,7 @@ def evaluate(model: VideoDepthAnything, dataset: str, split: str = "test", *, da
     names = table["names"][:protocol.eval_videos]
     firsts = np.cumsum([0, *table["lengths"]])[:len(names)]
     counts = [min(n, max_frames or n) for n in table["lengths"][:len(names)]]
-    precision = precision or default_precision(jax.default_backend())
+    precision = precision or default_precision(Platform.of())
     model = compute_model(model, precision)  # once, not per video
 
     scores = []

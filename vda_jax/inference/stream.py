@@ -135,7 +135,7 @@ class StreamingDepth:
     """
 
     def __init__(self, model: VideoDepthAnything, input_size: int = 518, precision: str | None = None):
-        self._graphdef, self._params = nnx.split(compute_model(model, precision))
+        self._graphdef, self._params = nnx.split(compute_model(model, precision, devices=jax.devices()[:1]))
         self.input_size = input_size
         self.reset()
 

@@ -308,16 +308,19 @@ def _peek(frames: Iterable[np.ndarray], name: str) -> tuple[np.ndarray, Iterator
 def run_videos(model: VideoDepthAnything, frame_size: tuple[int, int], jobs: Iterable[VideoJob], *,
                input_size: int = 518, precision: str | None = None, slots: int = 1,
                on_frames: Callable[[int], None] = lambda n: None,
-               on_error: Callable[[VideoJob, Exception], None] = _raise) -> None:
+               on_error: Callable[[VideoJob, Exception], None] = _raise,
+               devices: Sequence[jax.Device] | None = None) -> None:
     """Depth for videos that all have ``frame_size``, ``slots`` at a time through one compiled step.
 
     ``jobs`` is consumed lazily (a video is opened when a slot takes it), so any
     number of videos runs in constant memory; each job's sink receives its depths
     ``[n, H, W]`` in order. A video that fails to read goes to ``on_error``
-    (default: raise) and the others go on.
+    (default: raise) and the others go on. The slots are split over ``devices``
+    (default: this process's), whose platform sets the defaults of ``compute_model``.
     """
-    model = compute_model(model, precision)
-    runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots)
+    devices = list(devices or jax.local_devices())
+    model = compute_model(model, precision, devices=devices)
+    runner = WindowRunner(model, frame_size, network_size(frame_size, input_size), slots, devices)
     _run_group(runner, iter(jobs), on_frames, on_error)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import chex
 import jax
@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from vda_jax.config import ModelConfig
+from vda_jax.devices import GIB, Platform
 from vda_jax.models.dpt import DPTHead
 from vda_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dtype, chunk_frames, default_attention, map_frames
 from vda_jax.models.temporal import Cache
@@ -124,10 +125,14 @@ def frame_bytes(config: ModelConfig, net_size: tuple[int, int], dtype: Dtype) ->
     return max(encoder, head)
 
 
-def default_chunk_bytes(backend: str) -> int:
-    """``chunk_bytes`` for a JAX backend: one frame at a time on CPU (the working set stays in cache:
-    vits at 280x378, encoder 173 -> 93 ms a frame, head 80 -> 49 ms); 2 GiB per chunk on accelerators."""
-    return 0 if backend == "cpu" else 2 * 2**30
+def default_chunk_bytes(platform: Platform) -> int:
+    """``chunk_bytes`` for a program's devices (``Platform.of``): one frame at a time on CPU (the working
+    set stays in cache: vits at 280x378, encoder 173 -> 93 ms a frame, head 80 -> 49 ms); on accelerators
+    1/40 of a device's memory (2 GiB on an 80 GiB H100, 0.4 GiB on a 16 GiB TPU v5e), 2 GiB where the
+    memory is unknown."""
+    if platform.kind == "cpu":
+        return 0
+    return 2 * GIB if platform.memory_bytes is None else platform.memory_bytes // 40
 
 
 def with_options(model: VideoDepthAnything, **options) -> VideoDepthAnything:
@@ -140,15 +145,17 @@ def with_options(model: VideoDepthAnything, **options) -> VideoDepthAnything:
     return nnx.merge(graphdef, nnx.state(model))
 
 
-def compute_model(model: VideoDepthAnything, precision: str | None = None, *, attention: str | None = None,
+def compute_model(model: VideoDepthAnything, precision: str | None = None, *,
+                  devices: Sequence[jax.Device] | None = None, attention: str | None = None,
                   chunk_bytes: int | None = None) -> VideoDepthAnything:
     """The same parameters (shared, not copied) computing at ``precision`` ("fp32", "tf32", "bf16").
 
-    None picks the default of the default backend for each option (``precision.default_precision``,
-    ``layers.default_attention``, ``default_chunk_bytes``).
+    An option left None takes the default of the ``devices`` the model's programs are compiled
+    for (``Platform.of``; default ``jax.devices()``): ``precision.default_precision``,
+    ``layers.default_attention``, ``default_chunk_bytes``.
     """
-    backend = jax.default_backend()
-    precision = precision or default_precision(backend)
+    platform = Platform.of(devices)
+    precision = precision or default_precision(platform)
     return with_options(model, dtype=compute_dtype(precision), matmul_precision=matmul_precision(precision),
-                        attention=attention or default_attention(backend),
-                        chunk_bytes=default_chunk_bytes(backend) if chunk_bytes is None else chunk_bytes)
+                        attention=attention or default_attention(platform),
+                        chunk_bytes=default_chunk_bytes(platform) if chunk_bytes is None else chunk_bytes)

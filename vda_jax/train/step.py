@@ -80,7 +80,7 @@ class StepOptions:
 
 def training_model(model: VideoDepthAnything, precision: str, mesh: Mesh) -> VideoDepthAnything:
     """``model`` (parameters shared) computing at ``precision`` on batches split over ``mesh``'s batch axes."""
-    return with_options(compute_model(model, precision), frame_sharding=batch_sharding(mesh))
+    return with_options(compute_model(model, precision, devices=mesh.devices.flat), frame_sharding=batch_sharding(mesh))
 
 
 def disparity_target(depth: jax.Array, mask: jax.Array, metric_depth: bool) -> jax.Array:
