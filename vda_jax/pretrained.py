@@ -213,6 +213,7 @@ def model_dir(name: str, *, revision: str | None = None) -> str:
     sha256 = expected or _file_sha256(path)
     target = _converted_dir(entry, sha256)
     if primary and not _complete(target):
+        os.makedirs(_repo_dir(entry), exist_ok=True)
         with FileLock(target + ".lock"):  # one conversion at a time; the others then find it done
             if not _complete(target):
                 _convert(entry, path, expected, target, revision)
