@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,17 +64,24 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], config: ModelConfig, *
 
 
 def convert_checkpoint(source: str, output_dir: str, *, encoder: str | None = None, metric: bool = False,
-                       config_path: str | None = None, overwrite: bool = False) -> ModelConfig:
-    """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory."""
+                       config_path: str | None = None, config: ModelConfig | None = None,
+                       metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> ModelConfig:
+    """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory.
+
+    The architecture is ``config``, else read from ``config_path``, else detected from the tensor
+    shapes. ``metadata`` is recorded in the directory's ``config.json``. The model is written by
+    this process alone, also in a multi-process job.
+    """
     check_model_output(output_dir, overwrite=overwrite)  # before the work
     tensors = read_checkpoint(source)
-    if config_path is not None:
+    if config is None and config_path is not None:
         config = config_from_json(config_path)
         if metric and not config.metric:
             config = ModelConfig.from_dict({**config.to_dict(), "metric": True})
-    else:
+    elif config is None:
         config = detect_config({k: v.shape for k, v in tensors.items()}, encoder=encoder, metric=metric)
     model = convert_state_dict(tensors, config)
-    save_model(model, output_dir, overwrite=overwrite,
-               metadata={"source": os.path.basename(source), "from_image_model": is_image_checkpoint(tensors)})
+    save_model(model, output_dir, overwrite=overwrite, local=True,
+               metadata={"source": os.path.basename(source), "from_image_model": is_image_checkpoint(tensors),
+                         **(metadata or {})})
     return config

@@ -2,6 +2,7 @@
 
 Public API::
 
+    model = vda_jax.from_pretrained("vits")                      # official weights by name (`vda-jax models`)
     model = vda_jax.load_checkpoint("checkpoints/vits")          # from `vda-jax convert`
     depth = model(frames)                                          # [B, T, H, W, 3] -> [B, T, H, W]
     depth = vda_jax.infer_video_depth(model, video, input_size=518)  # [N, H, W, 3] uint8 -> [N, H, W]
@@ -17,7 +18,7 @@ _EXPORTS = {
     "StreamingDepth": "vda_jax.inference.stream", "stream_depth": "vda_jax.inference.stream",
     "VideoJob": "vda_jax.inference.video", "infer_video_depth": "vda_jax.inference.video",
     "infer_videos": "vda_jax.inference.video", "run_videos": "vda_jax.inference.video",
-    "VideoDepthAnything": "vda_jax.models.vda",
+    "VideoDepthAnything": "vda_jax.models.vda", "from_pretrained": "vda_jax.pretrained",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -59,16 +59,24 @@ def count_params(model_or_state: nnx.Module | nnx.State) -> int:
     return int(sum(np.prod(v.get_value().shape) for _, v in nnx.to_flat_state(state) if isinstance(v, nnx.Param)))
 
 
+def _this_process_only(operation: str) -> ocp.options.MultiprocessingOptions:
+    """Orbax options for a read or write by this process alone, with no barrier with the others."""
+    process = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
+                                              barrier_sync_key_prefix=f"{operation}-{process}")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
+def atomic_directory(path: str, *, local: bool = False) -> Iterator[str]:
     """Yields a temporary directory that replaces ``path`` (see ``check_model_output``) if the block succeeds.
 
     In a multi-process job every process must enter it (all write into one temporary
-    directory on a shared file system); process 0 creates and renames it.
+    directory on a shared file system); process 0 creates and renames it. With ``local``
+    this process alone writes it, whatever the other processes do.
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
-    primary, multi_process = jax.process_index() == 0, jax.process_count() > 1
+    primary, multi_process = (True, False) if local else (jax.process_index() == 0, jax.process_count() > 1)
     if multi_process:
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-shared")
         if primary:
@@ -118,19 +126,23 @@ def check_model_output(path: str, *, overwrite: bool = False) -> None:
 
 
 def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any] | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, local: bool = False) -> None:
     """Writes ``model`` (its config and all variables) to the directory ``path``, atomically.
 
     The variables may be sharded over the processes of a multi-process job; then every process
-    calls this, each writing its shards.
+    calls this, each writing its shards. With ``local`` this process writes a model held on its
+    own devices, alone (as a conversion does).
     """
     check_model_output(path, overwrite=overwrite)
     state = nnx.state(model)
-    with atomic_directory(path) as tmp:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, "params"), nnx.to_pure_dict(state))
+    tree = nnx.to_pure_dict(state)
+    with atomic_directory(path, local=local) as tmp:
+        options = _this_process_only("save") if local else ocp.options.MultiprocessingOptions()
+        with ocp.StandardCheckpointer(multiprocessing_options=options) as checkpointer:
+            # Orbax refuses arrays local to one process of a multi-process job; NumPy copies it writes as is.
+            checkpointer.save(os.path.join(tmp, "params"), jax.device_get(tree) if local else tree)
             checkpointer.wait_until_finished()
-        if jax.process_index() == 0:
+        if local or jax.process_index() == 0:
             info = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(metadata or {})}
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(info, f, indent=2)
@@ -185,9 +197,6 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           nnx.to_pure_dict(abstract))
-    process = jax.process_index()
-    local = ocp.options.MultiprocessingOptions(primary_host=process, active_processes={process},
-                                               barrier_sync_key_prefix=f"load-{process}")
     # Version 1 stored each fused projection's parts merged into its last axis.
     fused = _fused_parameters(nnx.merge(graphdef, abstract)) if info.get("version", 1) < 2 else []
     shapes = {path: _at(target, path).shape for path in fused}
@@ -196,7 +205,7 @@ def load_checkpoint(path: str, *, dtype: Dtype = jnp.float32) -> VideoDepthAnyth
         merged = (*want.shape[:-2], want.shape[-2] * want.shape[-1])
         _at(target, path[:-1])[path[-1]] = jax.ShapeDtypeStruct(merged, want.dtype, sharding=device)
     try:
-        with ocp.StandardCheckpointer(multiprocessing_options=local) as checkpointer:
+        with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only("load")) as checkpointer:
             restored = checkpointer.restore(params_dir, target)
     except Exception as e:  # orbax raises many types for truncated or foreign trees
         raise CheckpointFormatError(f"cannot read the parameters in {params_dir}: {e}".splitlines()[0]) from e

@@ -100,7 +100,9 @@ def _export(args: argparse.Namespace) -> None:
 
     options = ExportOptions(format=args.format, frames=args.frames, height=args.height, width=args.width,
                             precision=args.precision, streaming=args.streaming)
-    metadata = export_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
+    if not (args.checkpoint or args.model):
+        raise ValueError("name the model to export: a model directory, or --model NAME")
+    metadata = export_checkpoint(_model_source(args), args.output, options, overwrite=args.overwrite)
     print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {os.path.splitext(args.output)[0]}.json)"
                                     if metadata else ""))
 
@@ -110,7 +112,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.json "
                                    "describing its inputs, outputs and preprocessing) or an official "
                                    "checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
-    p.add_argument("checkpoint", help="model directory (from `vda-jax convert` or training)")
+    _add_model_options(p, "model directory (from `vda-jax convert` or training)", positional=True)
     p.add_argument("output", help="file to write: .onnx, .stablehlo, .pth or .safetensors")
     p.add_argument("--format", choices=("onnx", "stablehlo", "official"), default="onnx")
     p.add_argument("--frames", type=_positive_int, default=32, help="clip length T of the clip model")
@@ -142,8 +144,8 @@ def _infer(args: argparse.Namespace) -> int:
     sources = expand_inputs(args.inputs + ([SAMPLE_VIDEO] if args.sample else []))
     if not sources:
         raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
-    if args.onnx and args.checkpoint:
-        raise ValueError("give --checkpoint or --onnx, not both")
+    if args.onnx and (args.checkpoint or args.model):
+        raise ValueError(f"give --{'checkpoint' if args.checkpoint else 'model'} or --onnx, not both")
     maybe_initialize_distributed()  # several processes split the inputs, each on its own devices
     compilation_cache.enable()
     if args.onnx:
@@ -152,7 +154,7 @@ def _infer(args: argparse.Namespace) -> int:
         model = ExportedModel(args.onnx)
         input_size = model.meta["input_size"]
     else:
-        model, input_size = _load_model(args.checkpoint)
+        model, input_size = _load_model(_model_source(args))
     read = files.ReadOptions(max_res=args.max_res, max_len=args.max_len, target_fps=args.target_fps)
     share = (jax.process_index(), jax.process_count())
     report = files.infer_files(model, sources, options, read, input_size=args.input_size or input_size,
@@ -178,7 +180,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", help="video files, folders (of videos, or of images), globs, "
                                              "printf patterns such as frames/%%05d.png")
     p.add_argument("--sample", action="store_true", help="also process the bundled sample video")
-    p.add_argument("--checkpoint", help="model directory from `vda-jax convert` (default: the bundled demo model)")
+    _add_model_options(p, "model directory from `vda-jax convert` (default: the bundled demo model)")
     p.add_argument("--onnx", metavar="MODEL.onnx", help="run a model from `vda-jax export` in onnxruntime instead "
                                                         "(its network size must fit the videos)")
     p.add_argument("--output-dir", default="./outputs")
@@ -212,7 +214,7 @@ def _eval(args: argparse.Namespace) -> None:
     dataset, _, split = args.dataset.partition(":")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    model, input_size = _load_model(args.checkpoint)
+    model, input_size = _load_model(_model_source(args))
     report = runner.evaluate(model, dataset, split or "test", data_dir=args.data_dir,
                              max_frames=args.max_frames, input_size=args.input_size or input_size,
                              precision=args.precision,
@@ -229,7 +231,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="AbsRel, delta1, RMSE and TAE of a model on a dataset",
                        description="Runs the long-video inference on every video of a dataset built by "
                                    "vda_jax.data.builders and scores it as the official benchmark does.")
-    p.add_argument("--checkpoint", help="model directory (default: the bundled demo model)")
+    _add_model_options(p, "model directory (default: the bundled demo model)")
     p.add_argument("--dataset", required=True, help="NAME[:split], e.g. vda_synthetic:test or vda_benchmark/kitti")
     p.add_argument("--data-dir", help="tensorflow-datasets data directory")
     p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
@@ -245,7 +247,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _pseudo_label(args: argparse.Namespace) -> None:
     from vda_jax.data.pseudo_label import pseudo_label
 
-    model, input_size = _load_model(args.checkpoint)
+    model, input_size = _load_model(_model_source(args))
     count = pseudo_label(model, args.images, args.output, input_size=args.input_size or input_size,
                          precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
     print(f"labelled {count} new image(s); {args.output} is a source folder for the vda_pseudo_labels builder")
@@ -257,7 +259,7 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
                                    "skipped) in the layout of the vda_pseudo_labels dataset builder.")
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--checkpoint", help="teacher model directory (default: the bundled demo model)")
+    _add_model_options(p, "teacher model directory (default: the bundled demo model)")
     p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--batch-size", type=_positive_int, default=8)
@@ -271,10 +273,10 @@ def _demo(args: argparse.Namespace) -> None:
     from vda_jax.precision import default_precision
 
     demo.check_installed()
-    model, input_size = _load_model(args.checkpoint)
+    model, input_size = _load_model(_model_source(args))
     compilation_cache.enable()
     limits = demo.Limits(max_upload_mb=args.max_upload_mb, max_len=args.max_len, max_res=args.max_res)
-    about = (f"Model: {args.checkpoint or 'the bundled demo model (synthetic scenes only)'}, "
+    about = (f"Model: {args.model or args.checkpoint or 'the bundled demo model (synthetic scenes only)'}, "
              f"{'metric' if model.config.metric else 'relative'} depth.")
     with demo.running(model, args.input_size or input_size, limits, about=about, host=args.host, port=args.port,
                       precision=args.precision or default_precision(Platform.of())) as page:
@@ -287,7 +289,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        description="A Gradio app (needs the demo extra: pip install -e \".[demo]\") over the "
                                    "same computation as `vda-jax infer`, one request at a time. It listens on "
                                    "127.0.0.1 only unless --host says otherwise (0.0.0.0: every interface).")
-    p.add_argument("--checkpoint", help="model directory (default: the bundled demo model)")
+    _add_model_options(p, "model directory (default: the bundled demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=_positive_int, default=7860)
     p.add_argument("--max-upload-mb", type=_positive_float, default=200, help="larger uploads are refused")
@@ -298,6 +300,44 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="the page's default precision (default: bf16 on GPU, "
                                                            "fp32 on CPU)")
     p.set_defaults(handler=_demo)
+
+
+def _models(args: argparse.Namespace) -> None:
+    from vda_jax import pretrained
+
+    print(pretrained.format_table())
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the official models that --model takes",
+                       description="The official checkpoints by name, with their sizes, licences and whether "
+                                   "they are cached. `--model NAME` downloads one from the Hugging Face Hub "
+                                   "(HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN apply), checks it and converts it "
+                                   "once.")
+    p.set_defaults(handler=_models)
+
+
+def _add_model_options(p: argparse.ArgumentParser, checkpoint_help: str, *, positional: bool = False) -> None:
+    """A model directory (``--checkpoint``, or a positional ``checkpoint``) or ``--model NAME``, not both."""
+    source = p.add_mutually_exclusive_group()
+    if positional:
+        source.add_argument("checkpoint", nargs="?", help=checkpoint_help)
+    else:
+        source.add_argument("--checkpoint", help=checkpoint_help)
+    source.add_argument("--model", metavar="NAME", help="an official model by name, downloaded and converted on "
+                                                        "first use (`vda-jax models` lists them)")
+    p.add_argument("--revision", help="the Hub branch, tag or commit of --model (default: main)")
+
+
+def _model_source(args: argparse.Namespace) -> str | None:
+    """The model directory the options name: ``--checkpoint``'s, or ``--model``'s (fetched); None for the default."""
+    if args.revision and not args.model:
+        raise ValueError("--revision goes with --model NAME")
+    if args.model:
+        from vda_jax import pretrained
+
+        return pretrained.model_dir(args.model, revision=args.revision)
+    return args.checkpoint
 
 
 def _positive_float(text: str) -> float:
@@ -331,7 +371,7 @@ def _load_model(checkpoint: str | None):
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_convert, _add_infer, _add_train, _add_checkpoint_to_model, _add_eval, _add_pseudo_label, _add_export,
-    _add_demo]
+    _add_demo, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

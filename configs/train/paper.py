@@ -9,10 +9,11 @@ defaults (gradient term 0.5 over 4 scales, temporal term x10).
 Not verified against the paper's text here (written offline): the optimizer numbers follow
 Depth Anything V2's fine-tuning recipe (arXiv:2406.09414: AdamW, decoder learning rate 5e-5,
 encoder 10x lower), and the batch sizes, step count and image share are our choices for
-8 GPUs of 80 GB. Start from the Depth Anything V2 checkpoint of the same size:
+8 GPUs of 80 GB. Start from the Depth Anything V2 checkpoint of the same size (by name, downloaded
+from the Hugging Face Hub; or the path of its .pth):
 
     vda-jax train --config configs/train/paper.py:vits --workdir runs/vits \\
-        init_from=depth_anything_v2_vits.pth data.data_dir=/data/tfds
+        init_from=dav2-vits data.data_dir=/data/tfds
 """
 
 from ml_collections import config_dict

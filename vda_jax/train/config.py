@@ -8,6 +8,7 @@ config can only set fields that exist and overrides are type-checked against the
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.resources
 import importlib.util
@@ -22,6 +23,7 @@ from vda_jax.config import ENCODERS, ModelConfig, model_config
 from vda_jax.data.pipeline import DataConfig
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.precision import check_precision
+from vda_jax.pretrained import PRETRAINED
 from vda_jax.train.optimizer import learning_rates
 from vda_jax.train.sharding import TENSOR_RULES
 
@@ -33,9 +35,10 @@ def default_config() -> config_dict.ConfigDict:
     # The architecture: {"name": "vits" | "vitb" | "vitl" | "vitg" (optionally "-metric")}, or
     # {"name": "custom", **ModelConfig fields}. A checkpoint given in init_from must match it.
     c.model = config_dict.ConfigDict({"name": "vits"})
-    # Initial weights: "" (random), a vda-jax model directory, or an official Video Depth
+    # Initial weights: "" (random), a vda-jax model directory, an official Video Depth
     # Anything / Depth Anything V2 .pth or .safetensors file (image models get identity
-    # temporal layers). Only used when the workdir holds no checkpoint yet.
+    # temporal layers), or the name of one (`vda-jax models`: dav2-vitl, ...), downloaded from
+    # the Hugging Face Hub. Only used when the workdir holds no checkpoint yet.
     c.init_from = ""
     # Compute precision, "fp32", "tf32" or "bf16" (vda_jax.precision); parameters stay float32.
     c.precision = "fp32"
@@ -196,6 +199,11 @@ def validate(config: config_dict.ConfigDict) -> None:
         raise ValueError(f"model.num_frames {model.num_frames} is below the {WINDOW_FRAMES}-frame inference window, "
                          f"so vda-jax infer could not run the model; set model.num_frames >= {WINDOW_FRAMES} "
                          "(training clips may be shorter)")
+    if c.init_from in PRETRAINED and not os.path.exists(c.init_from):
+        named = dataclasses.replace(PRETRAINED[c.init_from].config, metric=model.metric)
+        if named != model:
+            raise ValueError(f"init_from={c.init_from} holds a {named.encoder} model but model.name is "
+                             f"{c.model.name!r}; set model.name={named.encoder}{'-metric' * model.metric}")
     if c.data.clip_frames > model.num_frames:
         raise ValueError(f"data.clip_frames {c.data.clip_frames} exceeds model.num_frames {model.num_frames}")
     DataConfig(**c.data.to_dict(), batch_size=c.batch_size, image_batch_size=c.image_batch_size, seed=c.seed)
