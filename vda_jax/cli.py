@@ -39,7 +39,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int | None:
     from vda_jax import compilation_cache
-    from vda_jax.data.files import check_output_folder
+    from vda_jax.io.paths import check_output_folder
     from vda_jax.train.config import load_config, resume_changes
     from vda_jax.train.coordination import Interrupted
     from vda_jax.train.loop import NonFiniteLossError, train
@@ -97,23 +97,25 @@ def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from vda_jax.export.exporter import ExportOptions, export_checkpoint
+    from vda_jax.runtime.metadata import metadata_path
 
     options = ExportOptions(format=args.format, frames=args.frames, height=args.height, width=args.width,
                             precision=args.precision, streaming=args.streaming)
     metadata = export_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite)
-    print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {os.path.splitext(args.output)[0]}.json)"
+    print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {metadata_path(args.output)})"
                                     if metadata else ""))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to ONNX, StableHLO or the official PyTorch layout",
-                       description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.json "
-                                   "describing its inputs, outputs and preprocessing) or an official "
-                                   "checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
+                       description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.onnx.json "
+                                   "or OUT.stablehlo.json describing its inputs, outputs and preprocessing) or an "
+                                   "official checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
     p.add_argument("checkpoint", help="model directory (from `vda-jax convert` or training)")
     p.add_argument("output", help="file to write: .onnx, .stablehlo, .pth or .safetensors")
     p.add_argument("--format", choices=("onnx", "stablehlo", "official"), default="onnx")
-    p.add_argument("--frames", type=_positive_int, default=32, help="clip length T of the clip model")
+    p.add_argument("--frames", type=_positive_int, default=32,
+                   help="clip length T of the clip model (vda-jax infer --onnx runs 32-frame windows)")
     p.add_argument("--height", type=_positive_int, help="network input height, a multiple of 14 "
                                                         "(default: the checkpoint's input size)")
     p.add_argument("--width", type=_positive_int, help="network input width, a multiple of 14")

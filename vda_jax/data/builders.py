@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vda_jax.data import files, layouts, synthetic
+from vda_jax.io.paths import check_output_folder
 
 _NO_K = np.full((3, 3), np.nan, np.float32)
 _NO_POSE = np.full((4, 4), np.nan, np.float32)
@@ -330,7 +331,7 @@ def prepare(
       source_dir: the folder to read, for the folder-based builders.
       **kwargs: passed to the builder (e.g. ``workers`` for VdaSynthetic).
     """
-    files.check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
+    check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
     builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record", **kwargs)
     download_config = tfds.download.DownloadConfig(manual_dir=source_dir) if source_dir else None
     builder.download_and_prepare(download_config=download_config)

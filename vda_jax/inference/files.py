@@ -259,6 +259,8 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
                          "--output-dir")
     if options.save_ply and not (model.metric if isinstance(model, ExportedModel) else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
+    if isinstance(model, ExportedModel):
+        model.check_video_options(streaming=streaming, precision=precision, batch_size=batch_size)
     check_options(options)
     created = not os.path.isdir(options.output_dir)
     os.makedirs(options.output_dir, exist_ok=True)
