@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from vda_jax.convert.keymap import plan_conversion, transform_value
-from vda_jax.convert.readers import read_checkpoint
+from vda_jax.convert.readers import checkpoint_kind, read_checkpoint
 
 from vda_jax.checkpoint import abstract_model, check_model_output, flat_shapes, save_model
 from vda_jax.config import ENCODERS, ModelConfig, config_from_json, model_config
@@ -64,14 +64,23 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray], config: ModelConfig, *
 
 def convert_checkpoint(source: str, output_dir: str, *, encoder: str | None = None, metric: bool = False,
                        config_path: str | None = None, overwrite: bool = False) -> ModelConfig:
-    """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory."""
+    """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory.
+
+    ``config_path`` (an architecture JSON or a model directory) describes the model instead of the
+    tensor shapes; ``encoder``, given with it, must agree with it.
+    """
     check_model_output(output_dir, overwrite=overwrite)  # before the work
-    tensors = read_checkpoint(source)
+    checkpoint_kind(source)
+    config = None
     if config_path is not None:
         config = config_from_json(config_path)
+        if encoder is not None and encoder != config.encoder:
+            raise ValueError(f"--encoder {encoder} contradicts --config {config_path}, which describes a "
+                             f"{config.encoder} encoder; drop one of them")
         if metric and not config.metric:
             config = ModelConfig.from_dict({**config.to_dict(), "metric": True})
-    else:
+    tensors = read_checkpoint(source)
+    if config is None:
         config = detect_config({k: v.shape for k, v in tensors.items()}, encoder=encoder, metric=metric)
     model = convert_state_dict(tensors, config)
     save_model(model, output_dir, overwrite=overwrite,
