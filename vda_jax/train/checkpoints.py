@@ -72,6 +72,11 @@ class Checkpoints:
                            "data": ocp.JsonCheckpointHandler()},
         )
 
+    @staticmethod
+    def exist(directory: str) -> bool:
+        """Whether ``directory`` holds a checkpoint (without opening a manager, which would create the folder)."""
+        return os.path.isdir(directory) and bool(ocp.utils.checkpoint_steps(directory))
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

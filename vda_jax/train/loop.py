@@ -33,15 +33,16 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from vda_jax.checkpoint import count_params, save_model
+from vda_jax.checkpoint import FORMAT as MODEL_FORMAT
+from vda_jax.checkpoint import check_model_output, count_params, save_model
 from vda_jax.data import builders, pipeline
 from vda_jax.eval.metrics import depth_metrics
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
-from vda_jax.train.config import model_config_from
-from vda_jax.train.init import initial_model
+from vda_jax.train.config import model_config_from, validate
+from vda_jax.train.init import check_initial_weights, initial_model
 from vda_jax.train.metrics_log import MetricsLog, write_atomic
 from vda_jax.train.optimizer import learning_rates, make_optimizer
 from vda_jax.train.state import abstract_train_state, create_train_state, trainable, trained_groups
@@ -74,9 +75,11 @@ class Trainer:
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        if config.total_steps < 1 or config.log_every < 1 or config.checkpoint.every < 1:
-            raise ValueError("total_steps, log_every and checkpoint.every must be >= 1")
+        validate(config)
         self.model_config = model_config_from(config.model)
+        checkpoint_dir = os.path.join(self.workdir, "checkpoints")
+        if not Checkpoints.exist(checkpoint_dir):  # a first start: init_from is read, and must be right before the data
+            check_initial_weights(config.init_from, self.model_config)
         self.mesh = sharding.make_mesh(**config.mesh)
         # This process reads its rows of every global batch: the block its devices hold.
         self._shard = grain.sharding.ShardOptions(*sharding.process_rows(self.mesh))
@@ -89,11 +92,13 @@ class Trainer:
                                              self.data_config.data_dir)[1] if config.eval.every else {}
         self._check_best_metric()
         self.train_data = iter(pipeline.make_dataset(self.data_config, self._shard))
+        if config.eval.every:  # refuses a validation split of less than a batch now, not after training
+            pipeline.make_dataset(self._eval_data_config(), self._shard)
 
         tx = make_optimizer(config.optimizer, config.total_steps, trained_groups(config.train_encoder))
         self._learning_rate = learning_rates(config.optimizer, config.total_steps)["head"]
         os.makedirs(self.workdir, exist_ok=True)
-        self.checkpoints = Checkpoints(os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
+        self.checkpoints = Checkpoints(checkpoint_dir, keep=config.checkpoint.keep,
                                        best_metric=config.checkpoint.best_metric,
                                        best_mode=config.checkpoint.best_mode)
         self._graphdef = self._restore_or_initialize(tx)
@@ -152,9 +157,6 @@ class Trainer:
     def _prepare_synthetic(self, data_dir: str) -> None:
         fields = self.config.synthetic.to_dict()
         name = fields.pop("name", None)
-        if self.config.data.video_dataset != f"vda_synthetic/{name}":
-            raise ValueError(f"synthetic.name {name!r} and data.video_dataset {self.config.data.video_dataset!r} "
-                             f"disagree; set data.video_dataset='vda_synthetic/{name}'")
         if jax.process_index() == 0:
             builders.prepare(builders.VdaSynthetic, data_dir, config=builders.SyntheticConfig(name=name, **fields))
         if jax.process_count() > 1:
@@ -262,11 +264,15 @@ class Trainer:
         save_model(self.model, path, overwrite=True, metadata={"trained_steps": self.step})
         self._print(f"done: step {self.step}; model saved to {path}")
 
+    def _eval_data_config(self) -> pipeline.DataConfig:
+        """One pass over the validation split, unaugmented."""
+        return dataclasses.replace(self.data_config, video_split=self.config.eval.split, image_ratio=0.0,
+                                   max_scale=1.0, flip_prob=0.0, color_jitter=0.0, num_epochs=1)
+
     def evaluate(self) -> dict[str, float]:
         """Loss (and AbsRel / delta1 for metric ground truth) over the validation split."""
         c = self.config
-        data_config = dataclasses.replace(self.data_config, video_split=c.eval.split, image_ratio=0.0, max_scale=1.0,
-                                          flip_prob=0.0, color_jitter=0.0, num_epochs=1)
+        data_config = self._eval_data_config()
         metric = _metric_depth(self._val_meta, c.eval.split)
         max_depth = self._val_meta.get("max_depth") or np.inf
         totals: dict[str, float] = {}
@@ -330,7 +336,16 @@ def model_from_checkpoint(workdir: str, output_dir: str, *, step: str | int = "b
     if not os.path.isfile(config_path):
         raise ValueError(f"{workdir} is not a training workdir: it has no config.json")
     with open(config_path) as f:
-        config = config_dict.ConfigDict(json.load(f))
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "checkpoint" not in config:
+        ours = isinstance(config, dict) and config.get("format") == MODEL_FORMAT
+        raise ValueError(f"{workdir} is " + ("a model directory already; use it as it is (e.g. --checkpoint "
+                                             f"{workdir})" if ours else "not a training workdir"))
+    config = config_dict.ConfigDict(config)
+    check_model_output(output_dir, overwrite=overwrite)  # before the restore
     c = config.checkpoint
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=c.keep, best_metric=c.best_metric,
                               best_mode=c.best_mode)
