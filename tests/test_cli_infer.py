@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vda_jax
 from vda_jax import cli
 from vda_jax.assets import SAMPLE_RENDER
 from vda_jax.checkpoint import load_checkpoint
@@ -133,6 +134,33 @@ def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monke
         assert not out.exists()
 
 
+def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
+    for flags, message in [(["--max-len", "0"], "--max-len: must be a positive integer or -1 (off), got 0"),
+                           (["--max-len", "-5"], "--max-len: must be a positive integer or -1 (off), got -5"),
+                           (["--max-res", "0"], "--max-res: must be a positive integer or -1 (off), got 0"),
+                           (["--target-fps", "0"], "--target-fps: must be a positive number or -1 (off), got 0"),
+                           (["--focal-length-x", "-1"], "--focal-length-x: must be a positive number, got -1"),
+                           (["--batch-size", "two"], "--batch-size: must be a positive integer, got two")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["infer", "--sample", *flags])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: argument {message}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["infer", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "--max-res MAX_RES downscale frames whose long side exceeds this (-1: never) (default: 1280)" in shown
+    assert "videos of one frame size processed together (sharded over this process's devices) (default: 1)" in shown
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"vda-jax {vda_jax.__version__}\n"
+    # Streaming takes one video at a time: a batch size is refused, not ignored.
+    assert cli.main(["infer", "--sample", "--streaming", "--batch-size", "2", "--output-dir",
+                     str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == ("vda-jax infer: error: --batch-size 2: streaming runs one video at a time; "
+                                       "drop --batch-size\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bundled_model_gives_depth_for_the_sample(tmp_path):
     """`vda-jax infer --sample` with no checkpoint: the bundled model on the bundled video.
 
@@ -163,8 +191,11 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
-    """SIGINT while the first window compiles, with the decoder and the encoder running."""
+@pytest.mark.parametrize("signum, message", [(signal.SIGINT, "vda-jax: interrupted"),
+                                             (signal.SIGTERM, "vda-jax: stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_dir, tmp_path, signum, message):
+    """A stop signal while the first window compiles, with the decoder and the encoder running (SIGTERM, as
+    `timeout` or a cluster sends it, to the main process alone)."""
     video = tmp_path / "long.mp4"
     y, x = np.mgrid[:40, :56]
     _write_video(video, np.stack([np.uint8(128 + 100 * np.sin((x + 2 * t) / 6 + y / 9))[..., None].repeat(3, -1)
@@ -180,12 +211,12 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
         while not (out.is_dir() and os.listdir(out)) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert [n.startswith(".long_outputs.") for n in os.listdir(out)] == [True]  # staging: video under way
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "vda-jax: interrupted" and "Traceback" not in err
+    assert process.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == message and "Traceback" not in err
     assert not out.exists(), os.listdir(out)  # no temporary, no partial output, not the folder this run made
     assert _processes_naming(str(tmp_path)) == []  # no ffmpeg left decoding or encoding
 

@@ -260,7 +260,10 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
     if options.save_ply and not (model.metric if isinstance(model, ExportedModel) else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
     if isinstance(model, ExportedModel):
-        model.check_video_options(streaming=streaming, precision=precision, batch_size=batch_size)
+        model.check_video_options(streaming=streaming, precision=precision)
+    if batch_size != 1 and (streaming or isinstance(model, ExportedModel)):
+        runner = "streaming" if streaming else "the ONNX runtime"
+        raise ValueError(f"--batch-size {batch_size}: {runner} runs one video at a time; drop --batch-size")
     check_options(options)
     created = not os.path.isdir(options.output_dir)
     os.makedirs(options.output_dir, exist_ok=True)

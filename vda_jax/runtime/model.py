@@ -46,12 +46,11 @@ class ExportedModel:
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
-    def check_video_options(self, *, streaming: bool = False, precision: str | None = None,
-                            batch_size: int = 1) -> None:
+    def check_video_options(self, *, streaming: bool = False, precision: str | None = None) -> None:
         """Refuses what the long-video runtime cannot do with this model, before any video is read.
 
-        The model's kind, precision and batch are fixed at export: ``--streaming`` needs a
-        streaming export, ``--precision`` must be the exported one, and videos run one at a time.
+        The model's kind and precision are fixed at export: ``--streaming`` needs a streaming
+        export, ``--precision`` must be the exported one; a clip model must take 32-frame windows.
         """
         name = os.path.basename(self.path)
         if streaming and not self.streaming:
@@ -60,9 +59,6 @@ class ExportedModel:
         if precision is not None and precision != self.meta["precision"]:
             raise ValueError(f"--precision {precision}: {name} computes in {self.meta['precision']}, as exported; "
                              "drop --precision")
-        if batch_size != 1:
-            raise ValueError(f"--batch-size {batch_size}: the ONNX runtime runs one video at a time; "
-                             "drop --batch-size")
         frames = None if self.streaming else self.meta["window"]["frames"]
         if frames not in (None, schedule.WINDOW_FRAMES):
             raise ValueError(f"{name} takes clips of {frames} frames, but the long-video algorithm runs "
