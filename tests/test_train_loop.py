@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -132,7 +133,7 @@ def test_a_validation_split_smaller_than_a_batch_is_refused_before_training(conf
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoints_keep_latest_and_best(tmp_path):
+def test_checkpoints_keep_latest_and_best(tmp_path, caplog):
     class Tiny(nnx.Module):
         def __init__(self):
             self.w = nnx.Param(jnp.arange(3.0))
@@ -152,6 +153,18 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     restored = Checkpoints(str(tmp_path), keep=2, best_metric="val_loss", best_mode="min").restore(2, state, data)
     np.testing.assert_array_equal(restored["w"].get_value(), np.arange(3.0))
     assert next(data) == 2  # the iterator is back where it was at step 2
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]  # steps 4 and 7: no metrics
+
+
+def test_the_data_libraries_notes_are_dropped(caplog):
+    """TFDS's OpenCV advice and custom-config notes (printed by every synthetic training run) are not shown."""
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.INFO):
+        for message in ("OpenCV is not installed. We recommend using OpenCV because it is faster ...",
+                        "Using custom data configuration: SyntheticConfig(name='tiny')", "a warning of substance"):
+            absl_logging.warning(message)
+    assert [r.getMessage() for r in caplog.records] == ["a warning of substance"]
 
 
 def test_initial_model_from_official_checkpoint(fixtures, tiny_model, tiny_model_dir):

@@ -39,8 +39,13 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vda_jax import logs
 from vda_jax.data import files, layouts, synthetic
 from vda_jax.io.paths import check_output_folder
+
+# TFDS recommends OpenCV for decoding PNGs (PIL decodes ours as well), and announces every
+# BuilderConfig that is not predefined (the synthetic configs of a training run are made to measure).
+logs.drop("absl", "OpenCV is not installed.", "Using custom data configuration:")
 
 _NO_K = np.full((3, 3), np.nan, np.float32)
 _NO_POSE = np.full((4, 4), np.nan, np.float32)
