@@ -128,10 +128,9 @@ def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monke
     # A run that writes nothing leaves no output folder behind.
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"")
-    for extra in ([str(broken)], [video, "--input-size", "13"]):
-        assert cli.main(["infer", *extra, "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
-                         "--quiet"]) == 1
-        assert not out.exists()
+    assert cli.main(["infer", str(broken), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
+                     "--quiet"]) == 1
+    assert not out.exists()
 
 
 def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
@@ -140,10 +139,12 @@ def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
                            (["--max-res", "0"], "--max-res: must be a positive integer or -1 (off), got 0"),
                            (["--target-fps", "0"], "--target-fps: must be a positive number or -1 (off), got 0"),
                            (["--focal-length-x", "-1"], "--focal-length-x: must be a positive number, got -1"),
-                           (["--batch-size", "two"], "--batch-size: must be a positive integer, got two")]:
+                           (["--batch-size", "two"], "--batch-size: must be a positive integer, got two"),
+                           (["--input-size", "13"], "--input-size: must be an integer >= 14 (one ViT patch), got 13")]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["infer", "--sample", *flags])
-        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: argument {message}")
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"vda-jax infer: error: argument {message} (see vda-jax infer --help)\n"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["infer", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
@@ -159,6 +160,16 @@ def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
     assert capsys.readouterr().err == ("vda-jax infer: error: --batch-size 2: streaming runs one video at a time; "
                                        "drop --batch-size\n")
     assert not (tmp_path / "out").exists()
+    # Output folders that cannot be made, said before the model loads.
+    (tmp_path / "a_file").write_text("")
+    cases = [(tmp_path / "a_file" / "out", f"--output-dir {tmp_path / 'a_file' / 'out'} cannot be a folder: "
+                                           f"{tmp_path / 'a_file'} is a file; choose another path")]
+    if os.path.isdir("/sys"):  # sysfs takes no new files, whoever asks
+        cases.append(("/sys/out", "--output-dir /sys/out cannot be written: /sys does not take new files (Permission "
+                                  "denied); choose another path"))
+    for out, message in cases:
+        assert cli.main(["infer", "--sample", "--checkpoint", str(tmp_path / "nowhere"), "--output-dir", str(out)]) == 1
+        assert capsys.readouterr().err == f"vda-jax infer: error: {message}\n"
 
 
 def test_bundled_model_gives_depth_for_the_sample(tmp_path):

@@ -102,6 +102,21 @@ def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, c
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "model", "notes"]
 
 
+def test_pseudo_label_checks_its_folders_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_model", lambda checkpoint: pytest.fail("the model loaded first"))
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    for images, output, message in [
+            ("notes.txt", "labels", f"images folder {tmp_path / 'notes.txt'} is a file; give the folder of the images"),
+            ("missing", "labels", f"images folder {tmp_path / 'missing'} does not exist"),
+            ("images", "notes.txt/labels", f"--output {tmp_path / 'notes.txt/labels'} cannot be a folder: "
+                                           f"{tmp_path / 'notes.txt'} is a file; choose another path")]:
+        assert cli.main(["pseudo-label", str(tmp_path / images), "--output", str(tmp_path / output)]) == 1
+        assert capsys.readouterr().err == f"vda-jax pseudo-label: error: {message}\n"
+    assert sorted(os.listdir(tmp_path)) == ["images", "notes.txt"]
+
+
 def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, tiny_model_dir, capsys):
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png"):
@@ -130,7 +145,7 @@ def test_the_tiny_config_trains_a_model_that_runs_the_inference_window():
     assert nnx.eval_shape(lambda m, x: m(x), model, window).shape == (1, WINDOW_FRAMES, 28, 28)
 
 
-def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
+def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys, fixtures):
     def train(*args):
         code = cli.main(["train", "--workdir", str(tmp_path / "run"), *args])
         out, err = capsys.readouterr()
@@ -177,6 +192,9 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
                                      "archive or a safetensors file)")]:
         assert train("--config", "synthetic_tiny", f"init_from='{init_from}'") == (1, f"vda-jax train: error: "
                                                                                      f"{message}\n")
+    # A checkpoint of another architecture is matched before the data is rendered ("Downloading": train()).
+    code, err = train("--config", "synthetic_tiny", f"init_from='{fixtures / 'tiny.pth'}'")
+    assert code == 1 and err.startswith("vda-jax train: error: checkpoint does not match the model architecture; ")
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
     for workdir in ("file", "file/run"):
@@ -222,12 +240,15 @@ def test_a_workdir_given_for_a_model_directory_and_back(tmp_path, tiny_model_dir
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(load_config("synthetic_tiny").to_json())
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "a.png")
     hint = (f"{run} is a training workdir, not a model directory; its model is written when training ends, or now "
             f"by `vda-jax checkpoint-to-model {run} OUT`")
     for command in (["infer", "--sample", "--checkpoint", str(run), "--output-dir", str(tmp_path / "out")],
                     ["eval", "--checkpoint", str(run), "--dataset", "vda_synthetic/tiny"],
                     ["export", str(run), str(tmp_path / "m.onnx")],
-                    ["pseudo-label", str(run), "--output", str(tmp_path / "labels"), "--checkpoint", str(run)],
+                    ["pseudo-label", str(images), "--output", str(tmp_path / "labels"), "--checkpoint", str(run)],
                     ["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path / "new"), f"init_from={run}"]):
         assert cli.main(command) == 1
         assert capsys.readouterr().err == f"vda-jax {command[0]}: error: {hint}\n"
@@ -243,5 +264,5 @@ def test_a_workdir_given_for_a_model_directory_and_back(tmp_path, tiny_model_dir
     assert capsys.readouterr().err == (f"vda-jax train: error: --workdir {tiny_model_dir} is a model directory, not a "
                                        f"training workdir; choose a new --workdir (to start from this model: "
                                        f"init_from={tiny_model_dir})\n")
-    assert sorted(os.listdir(tmp_path)) == ["run"] and sorted(os.listdir(run)) == ["checkpoints", "config.json",
-                                                                                  "model"]
+    assert sorted(os.listdir(tmp_path)) == ["images", "run"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "model"]

@@ -103,8 +103,16 @@ def test_convert_config_takes_a_model_directory_and_refuses_what_contradicts(tmp
             ([source, "--config", str(arch), "--encoder", "vits"],
              f"--encoder vits contradicts --config {arch}, which describes a custom encoder; drop one of them"),
             ([str(tiny_model_dir), "--config", str(arch)],
-             f"{tiny_model_dir} is a folder, not a checkpoint file; give the official .pth or .safetensors file")]:
+             f"{tiny_model_dir} is a folder, not a checkpoint file; give the official .pth or .safetensors file"),
+            ([source, "--config", str(tmp_path / "missing.json")],
+             f"{tmp_path / 'missing.json'} does not exist; give an architecture JSON or a vda-jax model directory"),
+            ([source, "--config", str(tiny_model_dir / "params")],
+             f"{tiny_model_dir / 'params'} is a folder without a config.json; give an architecture JSON or a vda-jax "
+             "model directory")]:
         assert cli.main(["convert", args[0], str(tmp_path / "x"), *args[1:]]) == 1
         assert capsys.readouterr().err == f"vda-jax convert: error: {message}\n"
+    assert cli.main(["convert", source, str(notes / "m"), "--config", str(arch)]) == 1
+    assert capsys.readouterr().err == (f"vda-jax convert: error: output directory {notes / 'm'} cannot be a folder: "
+                                       f"{notes} is a file; choose another path\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "notes.txt"]
 

@@ -146,6 +146,10 @@ def test_bad_datasets_and_arguments(tiny_model, synthetic, tmp_path):
     message = f"^dataset vda_synthetic/tiny is not built in {tmp_path}: .* training run renders .* WORKDIR/data"
     with pytest.raises(ValueError, match=message):
         runner.evaluate(tiny_model, "vda_synthetic/tiny", "validation", data_dir=str(tmp_path))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training workdir given for its data folder
+    with pytest.raises(ValueError, match=f"{tmp_path / 'run'} is a training workdir; its run renders synthetic data "
+                                         f"into {tmp_path / 'run' / 'data'}$"):
+        runner.evaluate(tiny_model, "vda_synthetic/tiny", "validation", data_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['test'\]"):
         runner.evaluate(tiny_model, "vda_synthetic/t", "validation", data_dir=synthetic)
     with pytest.raises(ValueError, match=r"max_frames must be >= 1"):

@@ -64,9 +64,13 @@ def test_export_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
     assert "end in .pth or .safetensors" in capsys.readouterr().err and not os.listdir(tmp_path)
     # Checked before the work, naming the user's file (not a hidden temporary one).
     for output, flags, message in [
-            ("x.onnx", ["--format", "official"], f"--format official output {tmp_path / 'x.onnx'} must end in .pth "
-                                                 "or .safetensors"),
-            ("x.pth", [], f"--format onnx output {tmp_path / 'x.pth'} must end in .onnx"),
+            ("x.bin", ["--format", "official"], f"--format official output {tmp_path / 'x.bin'} must end in .pth "
+                                                "or .safetensors"),
+            ("x.onnx", ["--format", "official"], f"--format official output {tmp_path / 'x.onnx'} is named like a "
+                                                 "--format onnx file; pass --format onnx, or end the name in .pth or "
+                                                 ".safetensors"),
+            ("x.stablehlo", [], f"--format onnx output {tmp_path / 'x.stablehlo'} is named like a --format stablehlo "
+                                "file; pass --format stablehlo, or end the name in .onnx"),
             ("", [], f"--format onnx output {tmp_path} is a folder; name a file in it"),
             ("x.onnx", ["--streaming", "--frames", "8"], "--frames sets the clip model's length; a streaming model "
                                                          "takes one frame at a time: drop --frames")]:

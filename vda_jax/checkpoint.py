@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vda_jax.config import ModelConfig
+from vda_jax.io.paths import check_output_folder
 from vda_jax.models.layers import Dtype, FusedLinear
 from vda_jax.models.vda import VideoDepthAnything
 
@@ -100,6 +101,7 @@ def check_model_output(path: str, *, overwrite: bool = False) -> None:
     Overwriting replaces only a vda-jax model directory (or an empty one), never other files.
     """
     if not os.path.lexists(path):
+        check_output_folder(path, "output directory")
         return
     if not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")

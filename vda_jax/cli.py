@@ -183,7 +183,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", metavar="MODEL.onnx", help="run a model from `vda-jax export` in onnxruntime instead "
                                                         "(its network size must fit the videos)")
     p.add_argument("--output-dir", default="./outputs", help="folder of the outputs (created if missing)")
-    p.add_argument("--input-size", type=_positive_int,
+    p.add_argument("--input-size", type=_input_size,
                    help="network input short side (default: the checkpoint's, else 518)")
     p.add_argument("--max-res", type=_positive_or_off, default=1280,
                    help="downscale frames whose long side exceeds this (-1: never)")
@@ -238,7 +238,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="tensorflow-datasets data directory")
     p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
     p.add_argument("--output", help="also write the report as JSON")
-    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
+    p.add_argument("--input-size", type=_input_size, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--strategy", choices=tuple(STRATEGIES), default="full",
                    help="window strategy (the paper's Table 5): full is the released method")
@@ -247,8 +247,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
-    from vda_jax.data.pseudo_label import pseudo_label
+    from vda_jax.data.pseudo_label import check_folders, pseudo_label
 
+    check_folders(args.images, args.output)  # before the model loads
     model, input_size = _load_model(args.checkpoint)
     count = pseudo_label(model, args.images, args.output, input_size=args.input_size or input_size,
                          precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
@@ -262,7 +263,7 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--checkpoint", help="teacher model directory (default: the bundled demo model)")
-    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
+    p.add_argument("--input-size", type=_input_size, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -300,7 +301,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=_positive_int, default=500, help="at most this many frames per video")
     p.add_argument("--max-res", type=_positive_or_off, default=1280,
                    help="downscale frames whose long side exceeds this (-1: never)")
-    p.add_argument("--input-size", type=_positive_int, help="the page's default input size (default: the "
+    p.add_argument("--input-size", type=_input_size, help="the page's default input size (default: the "
                                                             "checkpoint's, else 518)")
     p.add_argument("--precision", choices=PRECISIONS, help="the page's default precision (default: bf16 on GPU, "
                                                            "fp32 on CPU)")
@@ -325,9 +326,17 @@ def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[st
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: v > 0, "a positive number")
 _port = _checked(int, lambda v: 1 <= v <= 65535, "a port from 1 to 65535")
+_input_size = _checked(int, lambda v: v >= 14, "an integer >= 14 (one ViT patch)")
 # The official run.py's limits: -1 turns them off (0 or other negatives are mistakes, not "off").
 _positive_or_off = _checked(int, lambda v: v >= 1 or v == -1, "a positive integer or -1 (off)")
 _positive_or_off_float = _checked(float, lambda v: v > 0 or v == -1, "a positive number or -1 (off)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -363,7 +372,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     from vda_jax import __version__
 
-    parser = argparse.ArgumentParser(prog="vda-jax", description="Video Depth Anything in JAX.")
+    parser = _Parser(prog="vda-jax", description="Video Depth Anything in JAX.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:

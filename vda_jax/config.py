@@ -127,13 +127,18 @@ def config_from_json(path: str) -> ModelConfig:
     Raises:
       ValueError: naming the file, for a file that is not such a JSON.
     """
+    what = "give an architecture JSON or a vda-jax model directory"
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path} is a folder without a config.json; {what}")
         path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; {what}")
     try:
         with open(path) as f:
             values = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e}); give an architecture JSON or a vda-jax model directory") from None
+        raise ValueError(f"{path} is not JSON ({e}); {what}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an architecture's fields")
     if values.get("format") == "vda-jax":  # a model directory's config.json (checkpoint.FORMAT)

@@ -363,6 +363,9 @@ def open_split(name: str, split: str, data_dir: str | None) -> tuple[Sequence[di
         builder = None
     if builder is None or not builder.is_prepared():
         where = builder.data_dir if builder else data_dir or "the default TFDS data directory"
+        if data_dir and os.path.isdir(os.path.join(data_dir, "checkpoints")):  # a training workdir
+            raise ValueError(f"dataset {name} is not built in {where}: {data_dir} is a training workdir; its run "
+                             f"renders synthetic data into {os.path.join(data_dir, 'data')}")
         raise ValueError(f"dataset {name} is not built in {where}: pass the data directory it was built in (a "
                          "training run renders its synthetic data into WORKDIR/data), or build it with "
                          "vda_jax.data.builders.prepare")

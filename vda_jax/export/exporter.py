@@ -85,8 +85,13 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     """Exports a model directory; returns the metadata written beside it (empty for ``official``)."""
     config, info = read_config(checkpoint)
     options.check(config.num_frames)
-    suffixes = OFFICIAL_SUFFIXES if options.format == "official" else (ARTIFACT_SUFFIXES[options.format],)
-    check_output_file(output, f"--format {options.format} output", suffixes=suffixes, overwrite=overwrite)
+    by_format = {**{f: (suffix,) for f, suffix in ARTIFACT_SUFFIXES.items()}, "official": OFFICIAL_SUFFIXES}
+    other = next((f for f, suffixes in by_format.items() if f != options.format and output.endswith(suffixes)), None)
+    if other:
+        raise ValueError(f"--format {options.format} output {output} is named like a --format {other} file; pass "
+                         f"--format {other}, or end the name in {' or '.join(by_format[options.format])}")
+    check_output_file(output, f"--format {options.format} output", suffixes=by_format[options.format],
+                      overwrite=overwrite)
     if options.format == "onnx":
         _onnx_modules()  # missing: said now, not after loading and tracing the model
     model = load_checkpoint(checkpoint)

@@ -34,6 +34,7 @@ import tqdm
 from vda_jax import interrupts
 from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
+from vda_jax.io.paths import check_output_folder
 from vda_jax.io.video import VideoInfo, VideoWriter, check_preset, encoded_shape, probe, read_frames, source_name
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.runtime.model import ExportedModel
@@ -73,6 +74,7 @@ def check_options(options: OutputOptions) -> None:
     """Raises ValueError for options that cannot work, before any model is loaded."""
     if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
         raise ValueError(f"--output-dir {options.output_dir!r} is a file; name a folder (it is created if missing)")
+    check_output_folder(options.output_dir, "--output-dir")
     check_preset(options.video_preset)
     if options.save_exr and not outputs.exr_available():
         raise ValueError(f"--save-exr needs the OpenEXR package: {outputs.EXR_INSTALL}")

@@ -19,11 +19,24 @@ def _existing_ancestor(path: str) -> str:
     return parent
 
 
+def _check_takes_files(folder: str, what: str, path: str) -> None:
+    """Raises ``ValueError`` unless a file can be created in ``folder`` (made and removed at once)."""
+    try:  # the only sure test: root passes os.access even where the file system refuses files
+        fd, probe = tempfile.mkstemp(prefix=".vda-jax-write-test-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be written: {folder} does not take new files "
+                         f"({e.strerror or e}); choose another path") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+
+
 def check_output_folder(path: str, what: str) -> None:
-    """Raises ``ValueError`` unless ``path`` is, or can be made, a directory (no file on its way)."""
+    """Raises ``ValueError`` unless ``path`` is, or can be made, a directory that takes files."""
     parent = _existing_ancestor(path)
     if not os.path.isdir(parent):
         raise ValueError(f"{what} {path} cannot be a folder: {parent} is a file; choose another path")
+    _check_takes_files(parent, what, path)
 
 
 def check_output_file(path: str, what: str, *, suffixes: tuple[str, ...] = (), overwrite: bool = True) -> None:
@@ -44,11 +57,4 @@ def check_output_file(path: str, what: str, *, suffixes: tuple[str, ...] = (), o
     parent = _existing_ancestor(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise ValueError(f"{what} {path} cannot be written: {parent} is a file; choose another path")
-    try:  # the only sure test: root passes os.access even where the file system refuses files
-        fd, probe = tempfile.mkstemp(prefix=".vda-jax-write-test-", dir=parent)
-    except OSError as e:
-        raise ValueError(f"{what} {path} cannot be written: {parent} does not take new files "
-                         f"({e.strerror or e}); choose another path") from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.remove(probe)
+    _check_takes_files(parent, what, path)

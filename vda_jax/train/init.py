@@ -14,7 +14,7 @@ from vda_jax.models.layers import Dtype
 from vda_jax.models.vda import VideoDepthAnything
 
 
-def check_initial_weights(source: str, config: ModelConfig) -> None:
+def _check_source(source: str, config: ModelConfig) -> None:
     """Raises ValueError for an ``init_from`` that ``initial_model`` would refuse, reading no weights.
 
     A model directory must hold ``config``'s architecture; a file must be a .pth or safetensors
@@ -45,7 +45,7 @@ def initial_model(config: ModelConfig, source: str, *, seed: int, dtype: Dtype) 
       seed: seed of the random weights (and of fresh temporal layers).
       dtype: compute dtype; parameters are float32.
     """
-    check_initial_weights(source, config)
+    _check_source(source, config)
     if not source:
         return VideoDepthAnything(config, rngs=nnx.Rngs(seed), dtype=dtype)
     if os.path.isdir(source):

@@ -42,7 +42,7 @@ from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
 from vda_jax.train.config import model_config_from, validate
-from vda_jax.train.init import check_initial_weights, initial_model
+from vda_jax.train.init import initial_model
 from vda_jax.train.metrics_log import MetricsLog, write_atomic
 from vda_jax.train.optimizer import learning_rates, make_optimizer
 from vda_jax.train.state import abstract_train_state, create_train_state, trainable, trained_groups
@@ -78,8 +78,9 @@ class Trainer:
         validate(config)
         self.model_config = model_config_from(config.model)
         checkpoint_dir = os.path.join(self.workdir, "checkpoints")
-        if not Checkpoints.exist(checkpoint_dir):  # a first start: init_from is read, and must be right before the data
-            check_initial_weights(config.init_from, self.model_config)
+        # A first start reads its initial weights before the data: a wrong init_from fails before any is rendered.
+        initial = None if Checkpoints.exist(checkpoint_dir) else initial_model(
+            self.model_config, config.init_from, seed=config.seed, dtype=compute_dtype(config.precision))
         self.mesh = sharding.make_mesh(**config.mesh)
         # This process reads its rows of every global batch: the block its devices hold.
         self._shard = grain.sharding.ShardOptions(*sharding.process_rows(self.mesh))
@@ -101,7 +102,7 @@ class Trainer:
         self.checkpoints = Checkpoints(checkpoint_dir, keep=config.checkpoint.keep,
                                        best_metric=config.checkpoint.best_metric,
                                        best_mode=config.checkpoint.best_mode)
-        self._graphdef = self._restore_or_initialize(tx)
+        self._graphdef = self._restore_or_initialize(tx, initial)
 
         # With sharding.split_frames, batches are frames [B*T, ...] of clips of T frames (images: T = 1).
         frames = {"video": self.data_config.clip_frames, "image": 1} if config.sharding.split_frames else {}
@@ -114,12 +115,15 @@ class Trainer:
         if jax.process_index() == 0:
             write_atomic(os.path.join(self.workdir, "config.json"), config.to_json(indent=2))
 
-    def _restore_or_initialize(self, tx: optax.GradientTransformation) -> nnx.GraphDef:
-        """Sets ``state``, ``step`` and ``shardings`` from the latest checkpoint or ``init_from``."""
+    def _restore_or_initialize(self, tx: optax.GradientTransformation,
+                               initial: VideoDepthAnything | None) -> nnx.GraphDef:
+        """Sets ``state``, ``step`` and ``shardings`` from the latest checkpoint, or from ``initial``
+        (the model of ``init_from``) when there is none."""
         c = self.config
-        latest = self.checkpoints.latest_step()
+        latest = None if initial is not None else self.checkpoints.latest_step()
         if latest is None:
-            model = initial_model(self.model_config, c.init_from, seed=c.seed, dtype=compute_dtype(c.precision))
+            model = initial if initial is not None else initial_model(
+                self.model_config, c.init_from, seed=c.seed, dtype=compute_dtype(c.precision))
         else:
             model = nnx.eval_shape(lambda: VideoDepthAnything(self.model_config, rngs=nnx.Rngs(0)))
         model = training_model(model, c.precision, self.mesh)
