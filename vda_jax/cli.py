@@ -308,10 +308,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_demo)
 
 
-def _checked(kind: type, ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+def _checked(kind: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
     """An argparse type: ``kind(text)`` where ``ok`` holds, else "must be RULE, got TEXT"."""
 
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
