@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from vda_jax.convert.keymap import plan_conversion, transform_value
-from vda_jax.convert.readers import read_checkpoint
+from vda_jax.convert.readers import checkpoint_kind, read_checkpoint
 
 from vda_jax.checkpoint import abstract_model, check_model_output, flat_shapes, save_model
 from vda_jax.config import ENCODERS, ModelConfig, config_from_json, model_config
@@ -68,17 +68,22 @@ def convert_checkpoint(source: str, output_dir: str, *, encoder: str | None = No
                        metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> ModelConfig:
     """Reads an official ``.pth`` / ``.safetensors`` file and writes a vda-jax model directory.
 
-    The architecture is ``config``, else read from ``config_path``, else detected from the tensor
-    shapes. ``metadata`` is recorded in the directory's ``config.json``. The model is written by
-    this process alone, also in a multi-process job.
+    The architecture is ``config``, else read from ``config_path`` (an architecture JSON or a
+    model directory; ``encoder``, given with it, must agree with it), else detected from the
+    tensor shapes. ``metadata`` is recorded in the directory's ``config.json``. The model is
+    written by this process alone, also in a multi-process job.
     """
     check_model_output(output_dir, overwrite=overwrite)  # before the work
-    tensors = read_checkpoint(source)
+    checkpoint_kind(source)
     if config is None and config_path is not None:
         config = config_from_json(config_path)
+        if encoder is not None and encoder != config.encoder:
+            raise ValueError(f"--encoder {encoder} contradicts --config {config_path}, which describes a "
+                             f"{config.encoder} encoder; drop one of them")
         if metric and not config.metric:
             config = ModelConfig.from_dict({**config.to_dict(), "metric": True})
-    elif config is None:
+    tensors = read_checkpoint(source)
+    if config is None:
         config = detect_config({k: v.shape for k, v in tensors.items()}, encoder=encoder, metric=metric)
     model = convert_state_dict(tensors, config)
     save_model(model, output_dir, overwrite=overwrite, local=True,

@@ -70,20 +70,34 @@ class _DamagedArchive(Exception):
     """A torch zip archive whose records are missing or unreadable."""
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Reads a ``.pth`` or safetensors checkpoint, recognised by its content, not its name."""
+def checkpoint_kind(path: str | os.PathLike[str]) -> str:
+    """"pth" or "safetensors": what a checkpoint file holds, recognised by its first bytes, not its name.
+
+    Raises:
+      CheckpointError: ``path`` is missing, a folder, or neither kind of file.
+    """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; give the official .pth or .safetensors "
+                              "file")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give the official .pth or .safetensors file")
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(_ZIP_MAGIC):
-        return read_pth(path)
+        return "pth"
     # A safetensors JSON header follows its 8-byte length, whose first byte can be the pickle
     # marker 0x80 (a 128..255-byte header): then only a header that parses tells them apart.
     if head[8:9] == b"{" and (not head.startswith(_PICKLE_PROTO) or _has_json_header(path)):
-        return read_safetensors(path)
+        return "safetensors"
     if head.startswith(_PICKLE_PROTO):
-        return read_pth(path)
+        return "pth"
     raise CheckpointError(f"{path}: not a checkpoint (expected a PyTorch .pth zip archive or a safetensors file)")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Reads a ``.pth`` or safetensors checkpoint, recognised by its content, not its name."""
+    return read_safetensors(path) if checkpoint_kind(path) == "safetensors" else read_pth(path)
 
 
 def read_pth(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

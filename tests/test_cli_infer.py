@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vda_jax
 from vda_jax import cli
 from vda_jax.assets import SAMPLE_RENDER
 from vda_jax.checkpoint import load_checkpoint
@@ -127,10 +128,48 @@ def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monke
     # A run that writes nothing leaves no output folder behind.
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"")
-    for extra in ([str(broken)], [video, "--input-size", "13"]):
-        assert cli.main(["infer", *extra, "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
-                         "--quiet"]) == 1
-        assert not out.exists()
+    assert cli.main(["infer", str(broken), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
+                     "--quiet"]) == 1
+    assert not out.exists()
+
+
+def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
+    for flags, message in [(["--max-len", "0"], "--max-len: must be a positive integer or -1 (off), got 0"),
+                           (["--max-len", "-5"], "--max-len: must be a positive integer or -1 (off), got -5"),
+                           (["--max-res", "0"], "--max-res: must be a positive integer or -1 (off), got 0"),
+                           (["--target-fps", "0"], "--target-fps: must be a positive number or -1 (off), got 0"),
+                           (["--focal-length-x", "-1"], "--focal-length-x: must be a positive number, got -1"),
+                           (["--batch-size", "two"], "--batch-size: must be a positive integer, got two"),
+                           (["--input-size", "13"], "--input-size: must be an integer >= 14 (one ViT patch), got 13")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["infer", "--sample", *flags])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"vda-jax infer: error: argument {message} (see vda-jax infer --help)\n"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["infer", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    assert "--max-res MAX_RES downscale frames whose long side exceeds this (-1: never) (default: 1280)" in shown
+    assert "videos of one frame size processed together (sharded over this process's devices) (default: 1)" in shown
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"vda-jax {vda_jax.__version__}\n"
+    # Streaming takes one video at a time: a batch size is refused, not ignored.
+    assert cli.main(["infer", "--sample", "--streaming", "--batch-size", "2", "--output-dir",
+                     str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == ("vda-jax infer: error: --batch-size 2: streaming runs one video at a time; "
+                                       "drop --batch-size\n")
+    assert not (tmp_path / "out").exists()
+    # Output folders that cannot be made, said before the model loads.
+    (tmp_path / "a_file").write_text("")
+    cases = [(tmp_path / "a_file" / "out", f"--output-dir {tmp_path / 'a_file' / 'out'} cannot be a folder: "
+                                           f"{tmp_path / 'a_file'} is a file; choose another path")]
+    if os.path.isdir("/sys"):  # sysfs takes no new files, whoever asks
+        cases.append(("/sys/out", "--output-dir /sys/out cannot be written: /sys does not take new files (Permission "
+                                  "denied); choose another path"))
+    for out, message in cases:
+        assert cli.main(["infer", "--sample", "--checkpoint", str(tmp_path / "nowhere"), "--output-dir", str(out)]) == 1
+        assert capsys.readouterr().err == f"vda-jax infer: error: {message}\n"
 
 
 def test_bundled_model_gives_depth_for_the_sample(tmp_path):
@@ -163,8 +202,11 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
-    """SIGINT while the first window compiles, with the decoder and the encoder running."""
+@pytest.mark.parametrize("signum, message", [(signal.SIGINT, "vda-jax: interrupted"),
+                                             (signal.SIGTERM, "vda-jax: stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_dir, tmp_path, signum, message):
+    """A stop signal while the first window compiles, with the decoder and the encoder running (SIGTERM, as
+    `timeout` or a cluster sends it, to the main process alone)."""
     video = tmp_path / "long.mp4"
     y, x = np.mgrid[:40, :56]
     _write_video(video, np.stack([np.uint8(128 + 100 * np.sin((x + 2 * t) / 6 + y / 9))[..., None].repeat(3, -1)
@@ -180,12 +222,12 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tiny_model_dir, tmp_path):
         while not (out.is_dir() and os.listdir(out)) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert [n.startswith(".long_outputs.") for n in os.listdir(out)] == [True]  # staging: video under way
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "vda-jax: interrupted" and "Traceback" not in err
+    assert process.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == message and "Traceback" not in err
     assert not out.exists(), os.listdir(out)  # no temporary, no partial output, not the folder this run made
     assert _processes_naming(str(tmp_path)) == []  # no ffmpeg left decoding or encoding
 

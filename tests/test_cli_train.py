@@ -102,6 +102,21 @@ def test_convert_overwrite_replaces_only_model_directories(tmp_path, fixtures, c
     assert sorted(os.listdir(tmp_path)) == ["empty", "file", "model", "notes"]
 
 
+def test_pseudo_label_checks_its_folders_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_model", lambda checkpoint: pytest.fail("the model loaded first"))
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    for images, output, message in [
+            ("notes.txt", "labels", f"images folder {tmp_path / 'notes.txt'} is a file; give the folder of the images"),
+            ("missing", "labels", f"images folder {tmp_path / 'missing'} does not exist"),
+            ("images", "notes.txt/labels", f"--output {tmp_path / 'notes.txt/labels'} cannot be a folder: "
+                                           f"{tmp_path / 'notes.txt'} is a file; choose another path")]:
+        assert cli.main(["pseudo-label", str(tmp_path / images), "--output", str(tmp_path / output)]) == 1
+        assert capsys.readouterr().err == f"vda-jax pseudo-label: error: {message}\n"
+    assert sorted(os.listdir(tmp_path)) == ["images", "notes.txt"]
+
+
 def test_pseudo_label_labels_the_readable_images_and_names_the_others(tmp_path, tiny_model_dir, capsys):
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png"):
@@ -130,7 +145,7 @@ def test_the_tiny_config_trains_a_model_that_runs_the_inference_window():
     assert nnx.eval_shape(lambda m, x: m(x), model, window).shape == (1, WINDOW_FRAMES, 28, 28)
 
 
-def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
+def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys, fixtures):
     def train(*args):
         code = cli.main(["train", "--workdir", str(tmp_path / "run"), *args])
         out, err = capsys.readouterr()
@@ -145,7 +160,17 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
     code, err = train("--config", "no_such_config")
     assert code == 1 and "shipped config: paper, synthetic_claim, synthetic_tiny" in err
     # Values are checked before any data is written.
-    for override, message in [("total_steps=10", "optimizer.warmup_steps must be in [0, total_steps=10)"),
+    for override, message in [("total_steps=10", "optimizer.warmup_steps 20 must be in [0, total_steps 10); "
+                                                  "shorten the warm-up too, e.g. optimizer.warmup_steps=1"),
+                              ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1.0"),
+                              ("optimizer.b2=1.5", "optimizer.b2 must be in [0, 1), got 1.5"),
+                              ("log_every=0", "log_every must be >= 1, got 0"),
+                              ("batch_size=64", "the synthetic 'validation' split (evaluation) would hold 40 clips "
+                                                "of 8 frames, fewer than one batch of 64; render more videos "
+                                                "(synthetic.num_videos, per train/validation/test split) or lower "
+                                                "batch_size, or evaluate never (eval.every=0)"),
+                              ("synthetic.name='other'", "synthetic.name 'other' and data.video_dataset "
+                                                         "'vda_synthetic/tiny' disagree"),
                               ("model.num_frames=8", "model.num_frames 8 is below the 32-frame inference window"),
                               ("data.clip_frames=40", "data.clip_frames 40 exceeds model.num_frames 32"),
                               ("data.crop_size=(50,50)", "crop_size must be two positive multiples of 14"),
@@ -154,6 +179,22 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys):
                               ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'")]:
         code, err = train("--config", "synthetic_tiny", override)
         assert code == 1 and message in err, (override, err)
+    # init_from, before the dataset is rendered: missing, a training workdir, another architecture.
+    workdir = tmp_path / "other_run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(load_config("synthetic_tiny").to_json())
+    for init_from, message in [
+            ("/nonexistent", "init_from '/nonexistent' does not exist; give a vda-jax model directory or an official "
+                             ".pth / .safetensors file"),
+            (workdir, f"{workdir} is a training workdir, not a model directory; its model is written when training "
+                      f"ends, or now by `vda-jax checkpoint-to-model {workdir} OUT`"),
+            (tmp_path / "some.json", f"{tmp_path / 'some.json'}: not a checkpoint (expected a PyTorch .pth zip "
+                                     "archive or a safetensors file)")]:
+        assert train("--config", "synthetic_tiny", f"init_from='{init_from}'") == (1, f"vda-jax train: error: "
+                                                                                     f"{message}\n")
+    # A checkpoint of another architecture is matched before the data is rendered ("Downloading": train()).
+    code, err = train("--config", "synthetic_tiny", f"init_from='{fixtures / 'tiny.pth'}'")
+    assert code == 1 and err.startswith("vda-jax train: error: checkpoint does not match the model architecture; ")
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
     for workdir in ("file", "file/run"):
@@ -192,3 +233,36 @@ def test_convert_names_missing_tensors_by_their_official_names(fixtures, tiny_mo
     del image["depth_head.scratch.output_conv2.2.weight"]
     with pytest.raises(KeyMismatchError, match=r"1 missing: depth_head\.scratch\.output_conv2\.2\.weight\. Check"):
         plan_conversion(image, targets, allow_unfilled=("head.temporal.",))
+
+
+def test_a_workdir_given_for_a_model_directory_and_back(tmp_path, tiny_model_dir, capsys):
+    """Each names what it got and where to find what it needs (#24.8)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(load_config("synthetic_tiny").to_json())
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "a.png")
+    hint = (f"{run} is a training workdir, not a model directory; its model is written when training ends, or now "
+            f"by `vda-jax checkpoint-to-model {run} OUT`")
+    for command in (["infer", "--sample", "--checkpoint", str(run), "--output-dir", str(tmp_path / "out")],
+                    ["eval", "--checkpoint", str(run), "--dataset", "vda_synthetic/tiny"],
+                    ["export", str(run), str(tmp_path / "m.onnx")],
+                    ["pseudo-label", str(images), "--output", str(tmp_path / "labels"), "--checkpoint", str(run)],
+                    ["train", "--config", "synthetic_tiny", "--workdir", str(tmp_path / "new"), f"init_from={run}"]):
+        assert cli.main(command) == 1
+        assert capsys.readouterr().err == f"vda-jax {command[0]}: error: {hint}\n"
+    os.symlink(tiny_model_dir, run / "model")  # the run has finished
+    assert cli.main(["export", str(run), str(tmp_path / "m.onnx")]) == 1
+    assert capsys.readouterr().err == (f"vda-jax export: error: {run} is a training workdir, not a model directory; "
+                                       f"give {run / 'model'}\n")
+    # And back: a model directory where a workdir goes.
+    assert cli.main(["checkpoint-to-model", str(tiny_model_dir), str(tmp_path / "m")]) == 1
+    assert capsys.readouterr().err == (f"vda-jax checkpoint-to-model: error: {tiny_model_dir} is a model directory "
+                                       f"already; use it as it is (e.g. --checkpoint {tiny_model_dir})\n")
+    assert cli.main(["train", "--config", "synthetic_tiny", "--workdir", str(tiny_model_dir)]) == 1
+    assert capsys.readouterr().err == (f"vda-jax train: error: --workdir {tiny_model_dir} is a model directory, not a "
+                                       f"training workdir; choose a new --workdir (to start from this model: "
+                                       f"init_from={tiny_model_dir})\n")
+    assert sorted(os.listdir(tmp_path)) == ["images", "run"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "model"]

@@ -80,6 +80,39 @@ def test_metric_flag_and_wrong_architecture(tmp_path, fixtures, capsys):
 
 
 def test_load_checkpoint_errors(tmp_path, fixtures):
-    with pytest.raises(ValueError, match="no config.json.*vda-jax convert"):
+    with pytest.raises(ValueError, match="is a file, not a vda-jax model directory.*vda-jax convert"):
         load_checkpoint(str(fixtures / "tiny.pth"))
     np.testing.assert_equal(tmp_path.exists(), True)
+
+
+def test_convert_config_takes_a_model_directory_and_refuses_what_contradicts(tmp_path, fixtures, tiny_model_dir,
+                                                                            capsys):
+    """`vda-jax convert back.pth out --config MODEL_DIR`: the architecture of a model directory (#24.9)."""
+    source = str(fixtures / "tiny.pth")  # the official layout of the tiny model directory's architecture
+    expected = load_checkpoint(str(tiny_model_dir)).config
+    for i, config in enumerate((tiny_model_dir, tiny_model_dir / "config.json")):
+        assert cli.main(["convert", source, str(tmp_path / f"m{i}"), "--config", str(config)]) == 0
+        assert load_checkpoint(str(tmp_path / f"m{i}")).config == expected
+    capsys.readouterr()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not JSON")
+    arch = fixtures / "tiny_architecture.json"
+    for args, message in [
+            ([source, "--config", str(notes)], f"{notes} is not JSON (Expecting value: line 1 column 1 (char 0)); "
+                                               "give an architecture JSON or a vda-jax model directory"),
+            ([source, "--config", str(arch), "--encoder", "vits"],
+             f"--encoder vits contradicts --config {arch}, which describes a custom encoder; drop one of them"),
+            ([str(tiny_model_dir), "--config", str(arch)],
+             f"{tiny_model_dir} is a folder, not a checkpoint file; give the official .pth or .safetensors file"),
+            ([source, "--config", str(tmp_path / "missing.json")],
+             f"{tmp_path / 'missing.json'} does not exist; give an architecture JSON or a vda-jax model directory"),
+            ([source, "--config", str(tiny_model_dir / "params")],
+             f"{tiny_model_dir / 'params'} is a folder without a config.json; give an architecture JSON or a vda-jax "
+             "model directory")]:
+        assert cli.main(["convert", args[0], str(tmp_path / "x"), *args[1:]]) == 1
+        assert capsys.readouterr().err == f"vda-jax convert: error: {message}\n"
+    assert cli.main(["convert", source, str(notes / "m"), "--config", str(arch)]) == 1
+    assert capsys.readouterr().err == (f"vda-jax convert: error: output directory {notes / 'm'} cannot be a folder: "
+                                       f"{notes} is a file; choose another path\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "notes.txt"]
+

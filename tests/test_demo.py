@@ -2,7 +2,10 @@
 
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import zipfile
@@ -170,7 +173,7 @@ def test_nothing_left_behind(tiny_model, tmp_path, monkeypatch):
         client = gradio_client.Client(page.local_url, download_files=str(tmp_path / "client"), verbose=False)
         _depth(client, max_len=4)
         cache = os.environ["GRADIO_TEMP_DIR"]
-        assert ours() == [os.path.basename(cache)] and _files(cache)  # uploads and served outputs
+        assert ours() == [os.path.basename(os.path.dirname(cache))] and _files(cache)  # uploads, served outputs
     assert ours() == [] and os.environ.get("GRADIO_TEMP_DIR") == before
 
 
@@ -196,9 +199,46 @@ def test_npz_frame_reads_one_frame(tmp_path):
 def test_cli_demo_options_and_missing_gradio(monkeypatch, capsys):
     args = cli.build_parser().parse_args(["demo"])
     assert (args.host, args.port, args.max_upload_mb, args.checkpoint) == ("127.0.0.1", 7860, 200, None)
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["demo", "--max-upload-mb", "0"])
-    assert "--max-upload-mb: must be a positive number, got 0" in capsys.readouterr().err
+    for flags, message in [(["--max-upload-mb", "0"], "--max-upload-mb: must be a positive number, got 0"),
+                           (["--port", "99999"], "--port: must be a port from 1 to 65535, got 99999")]:
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["demo", *flags])
+        assert message in capsys.readouterr().err
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if gradio were not installed
     assert cli.main(["demo"]) == 1
     assert capsys.readouterr().err.strip() == 'vda-jax demo: error: the web demo needs gradio: pip install -e ".[demo]"'
+
+
+def test_cli_demo_refuses_an_address_it_cannot_serve_before_loading_the_model(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load_model", lambda checkpoint: pytest.fail("the model loaded first"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [(["--host", "999.1.1.1"], "--host 999.1.1.1 is neither an address nor a known host name; use "
+                                           "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"),
+                 (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine; use 127.0.0.1 "
+                                           "(this machine only) or 0.0.0.0 (every interface)"),
+                 (["--port", str(port)], f"--port {port} is in use on 127.0.0.1; choose another with --port")]
+        for flags, message in cases:
+            assert cli.main(["demo", *flags]) == 1
+            assert capsys.readouterr().err == f"vda-jax demo: error: {message}\n"
+
+
+def test_sigterm_stops_the_demo_and_removes_its_folders(tmp_path):
+    """SIGTERM (`timeout`, SLURM, Kubernetes) as Ctrl-C: exit 143, no temporary folder left."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    process = subprocess.Popen([sys.executable, "-m", "vda_jax.cli", "demo", "--port", str(_free_port())], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # once the page is served
+        assert line.startswith("vda-jax demo: serving http://127.0.0.1:"), (line, process.stderr.read())
+        assert [n for n in os.listdir(tmp_path) if n.startswith("vda-jax-demo-")]
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "vda-jax: stopped by SIGTERM" and "Traceback" not in err, err
+    assert "Keyboard interruption" not in out
+    assert [n for n in os.listdir(tmp_path) if n.startswith("vda-jax-demo-")] == []

@@ -146,6 +146,10 @@ def test_bad_datasets_and_arguments(tiny_model, synthetic, tmp_path):
     message = f"^dataset vda_synthetic/tiny is not built in {tmp_path}: .* training run renders .* WORKDIR/data"
     with pytest.raises(ValueError, match=message):
         runner.evaluate(tiny_model, "vda_synthetic/tiny", "validation", data_dir=str(tmp_path))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training workdir given for its data folder
+    with pytest.raises(ValueError, match=f"{tmp_path / 'run'} is a training workdir; its run renders synthetic data "
+                                         f"into {tmp_path / 'run' / 'data'}$"):
+        runner.evaluate(tiny_model, "vda_synthetic/tiny", "validation", data_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"has no split 'validation'; its splits are \['test'\]"):
         runner.evaluate(tiny_model, "vda_synthetic/t", "validation", data_dir=synthetic)
     with pytest.raises(ValueError, match=r"max_frames must be >= 1"):
@@ -162,3 +166,16 @@ def test_bad_datasets_and_arguments(tiny_model, synthetic, tmp_path):
     builders.prepare(builders.VdaPseudoLabels, str(tmp_path / "tfds"), config=config, source_dir=str(src))
     with pytest.raises(ValueError, match=r"vda_pseudo_labels/t:train holds single images"):
         runner.evaluate(tiny_model, "vda_pseudo_labels/t", "train", data_dir=str(tmp_path / "tfds"))
+
+
+def test_cli_eval_refuses_an_output_it_cannot_write_before_the_evaluation(tiny_model_dir, tmp_path, capsys):
+    # The dataset does not exist either: the output is checked first, before the model loads.
+    cases = [(str(tmp_path), f"--output {tmp_path} is a folder; name a file in it")]
+    if os.path.isdir("/sys"):  # sysfs takes no new files, whoever asks
+        cases.append(("/sys/e.json", "--output /sys/e.json cannot be written: /sys does not take new files "
+                                     "(Permission denied); choose another path"))
+    for output, message in cases:
+        assert cli.main(["eval", "--checkpoint", str(tiny_model_dir), "--dataset", "vda_nothing/x",
+                         "--output", output]) == 1
+        assert capsys.readouterr().err == f"vda-jax eval: error: {message}\n"
+    assert os.listdir(tmp_path) == []

@@ -1,7 +1,9 @@
 """Deployment export: the official layout round trip, ONNX and StableHLO artefacts, and the JAX-free runtime."""
 
 import json
+import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import zipfile
 import imageio.v3 as iio
 import jax
 import numpy as np
+import onnx
 import pytest
 import safetensors.numpy
 from vda_jax.convert.readers import read_checkpoint
@@ -18,6 +21,7 @@ from vda_jax.convert.readers import read_checkpoint
 from vda_jax import cli
 from vda_jax.export.exporter import ExportOptions, checkpoint_hash, export_checkpoint
 from vda_jax.inference import stream
+from vda_jax.runtime.metadata import EXPORT_VERSION
 from vda_jax.runtime.model import ExportedModel
 from vda_jax.runtime.preprocess import preprocess, resize_depth
 
@@ -58,6 +62,21 @@ def test_export_refuses_bad_input(tiny_model_dir, tmp_path, capsys):
         assert not os.listdir(tmp_path)
     assert cli.main(["export", str(tiny_model_dir), str(tmp_path / "m.bin"), "--format", "official"]) == 1
     assert "end in .pth or .safetensors" in capsys.readouterr().err and not os.listdir(tmp_path)
+    # Checked before the work, naming the user's file (not a hidden temporary one).
+    for output, flags, message in [
+            ("x.bin", ["--format", "official"], f"--format official output {tmp_path / 'x.bin'} must end in .pth "
+                                                "or .safetensors"),
+            ("x.onnx", ["--format", "official"], f"--format official output {tmp_path / 'x.onnx'} is named like a "
+                                                 "--format onnx file; pass --format onnx, or end the name in .pth or "
+                                                 ".safetensors"),
+            ("x.stablehlo", [], f"--format onnx output {tmp_path / 'x.stablehlo'} is named like a --format stablehlo "
+                                "file; pass --format stablehlo, or end the name in .onnx"),
+            ("", [], f"--format onnx output {tmp_path} is a folder; name a file in it"),
+            ("x.onnx", ["--streaming", "--frames", "8"], "--frames sets the clip model's length; a streaming model "
+                                                         "takes one frame at a time: drop --frames")]:
+        assert cli.main(["export", str(tiny_model_dir), str(tmp_path / output), *flags]) == 1
+        assert capsys.readouterr().err == f"vda-jax export: error: {message}\n"
+        assert not os.listdir(tmp_path)
     (tmp_path / "m.stablehlo").write_bytes(b"")
     assert cli.main(["export", str(tiny_model_dir), str(tmp_path / "m.stablehlo"), "--format", "stablehlo"]) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -69,7 +88,7 @@ def test_stablehlo_clip_matches_official_forward_with_dynamic_batch(tiny_model_d
     out = str(tmp_path / "clip.stablehlo")
     meta = export_checkpoint(str(tiny_model_dir), out, ExportOptions(format="stablehlo", frames=6, height=98,
                                                                       width=126))
-    with open(tmp_path / "clip.json") as f:
+    with open(tmp_path / "clip.stablehlo.json") as f:
         assert json.load(f) == meta
     assert meta["inputs"] == [{"name": "frames", "shape": ["batch", 6, 98, 126, 3], "dtype": "float32"}]
     assert meta["outputs"] == [{"name": "depth", "shape": ["batch", 6, 98, 126], "dtype": "float32"}]
@@ -101,16 +120,74 @@ def test_stablehlo_stream_matches_official_stream(tiny_model_dir, fixtures, tmp_
     assert int(state[0]) == len(frames)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 @pytest.fixture(scope="module")
 def onnx_models(tiny_model_dir, tmp_path_factory):
-    """The tiny model exported to ONNX: clips at the fixtures' two network sizes and the streaming step."""
+    """The tiny model exported to ONNX: clips at the fixtures' two network sizes and the streaming step; beside
+    clip56.onnx a StableHLO export of the same stem (the README's naming); the warnings logged meanwhile."""
     out = tmp_path_factory.mktemp("onnx")
     paths = {"clip70": str(out / "clip70.onnx"), "clip56": str(out / "clip56.onnx"),
              "stream70": str(out / "stream70.onnx")}
-    assert cli.main(["export", str(tiny_model_dir), paths["clip70"], "--height", "70", "--width", "98"]) == 0
-    export_checkpoint(str(tiny_model_dir), paths["clip56"], ExportOptions(height=56, width=56))
-    export_checkpoint(str(tiny_model_dir), paths["stream70"], ExportOptions(height=70, width=98, streaming=True))
-    return paths
+    warnings = _Records()
+    logging.getLogger().addHandler(warnings)
+    try:
+        assert cli.main(["export", str(tiny_model_dir), paths["clip70"], "--height", "70", "--width", "98"]) == 0
+        export_checkpoint(str(tiny_model_dir), paths["clip56"], ExportOptions(height=56, width=56))
+        export_checkpoint(str(tiny_model_dir), paths["stream70"], ExportOptions(height=70, width=98, streaming=True))
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    assert cli.main(["export", str(tiny_model_dir), str(out / "clip56.stablehlo"), "--format", "stablehlo",
+                     "--height", "56", "--width", "56", "--frames", "2"]) == 0
+    return {**paths, "warnings": [r.getMessage() for r in warnings.records]}
+
+
+def test_onnx_export_is_quiet_and_names_the_batch_axis_b(onnx_models):
+    assert onnx_models["warnings"] == []  # onnx_ir warned once per untyped shape constant (128 for the demo model)
+    for name in ("clip70", "clip56"):
+        graph = onnx.load(onnx_models[name], load_external_data=False).graph
+        assert [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output] == \
+            [["B", 32, *[d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][2:4]]]
+
+
+def test_onnx_and_stablehlo_of_one_stem_keep_their_own_json(onnx_models):
+    onnx_path = onnx_models["clip56"]
+    stablehlo_path = onnx_path.replace(".onnx", ".stablehlo")
+    for path, artifact in ((onnx_path, "onnx"), (stablehlo_path, "stablehlo")):
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        assert (meta["artifact"], meta["version"]) == (artifact, EXPORT_VERSION)
+    assert not os.path.exists(onnx_path.replace(".onnx", ".json"))
+    assert ExportedModel(onnx_path).meta["window"]["frames"] == 32
+
+
+def test_runtime_reads_version_1_exports_and_refuses_what_it_cannot_run(onnx_models, tmp_path):
+    """Version 1 wrote OUT.json beside OUT.onnx (shared by OUT.stablehlo); a newer version is refused."""
+    with open(onnx_models["clip56"] + ".json") as f:
+        meta = json.load(f)
+    shutil.copy(onnx_models["clip56"], tmp_path / "old.onnx")
+    (tmp_path / "old.json").write_text(json.dumps({**meta, "version": 1}))
+    frames = np.random.default_rng(0).normal(size=(1, 32, 56, 56, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ExportedModel(str(tmp_path / "old.onnx"))(frames)[0],
+                                  ExportedModel(onnx_models["clip56"])(frames)[0])
+    cases = [("old.json", {**meta, "version": 1, "artifact": "stablehlo"},
+              f"{tmp_path / 'old.json'} describes a stablehlo export, not old.onnx; export old.onnx again "
+              "(version 1 exports of one file stem shared their JSON)"),
+             ("old.onnx.json", {**meta, "version": EXPORT_VERSION + 1},
+              f"{tmp_path / 'old.onnx.json'} is export version {EXPORT_VERSION + 1}, newer than this vda-jax reads "
+              f"({EXPORT_VERSION}); upgrade vda-jax")]
+    for name, content, message in cases:
+        (tmp_path / name).write_text(json.dumps(content))
+        with pytest.raises(ValueError) as info:
+            ExportedModel(str(tmp_path / "old.onnx"))
+        assert str(info.value) == message
 
 
 def test_onnx_clip_batch_is_dynamic(onnx_models):
@@ -175,3 +252,40 @@ def test_infer_with_onnx_writes_the_official_depths(onnx_models, fixtures, tmp_p
     depth, expected = np.load(out / "clip_depths.npz")["depths"], ref["n20_72x96_s70_depth"]
     assert depth.shape == expected.shape
     assert np.abs(depth - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_infer_with_onnx_refuses_options_the_model_cannot_honour(onnx_models, fixtures, tmp_path, capsys):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(np.load(fixtures / "tiny_video.npz")["n20_72x96_s70_frames"][:3]):
+        iio.imwrite(folder / f"{i:03d}.png", frame)
+    # A clip model of 16 frames (`export --frames 16`): its JSON says so.
+    with open(onnx_models["clip70"] + ".json") as f:
+        meta = json.load(f)
+    meta["window"]["frames"] = meta["inputs"][0]["shape"][1] = meta["outputs"][0]["shape"][1] = 16
+    shutil.copy(onnx_models["clip70"], tmp_path / "f16.onnx")
+    (tmp_path / "f16.onnx.json").write_text(json.dumps(meta))
+    clip = onnx_models["clip70"]
+    cases = [
+        ([clip, "--streaming"], "--streaming needs a streaming export, and clip70.onnx is a clip model; export one "
+                                "with `vda-jax export CHECKPOINT OUT.onnx --streaming`, or drop --streaming"),
+        ([clip, "--precision", "bf16"],
+         "--precision bf16: clip70.onnx computes in fp32, as exported; drop --precision"),
+        ([clip, "--batch-size", "2"], "--batch-size 2: the ONNX runtime runs one video at a time; drop --batch-size"),
+        ([str(tmp_path / "f16.onnx")], "f16.onnx takes clips of 16 frames, but the long-video algorithm runs "
+                                       "32-frame windows; export it again without --frames"),
+        ([str(tiny_dir := os.path.dirname(clip))], f"{tiny_dir} is a folder; give the .onnx file that `vda-jax "
+                                                  "export` wrote (a model directory goes to --checkpoint)"),
+        ([clip.replace("clip70.onnx", "clip56.stablehlo")],
+         f"{clip.replace('clip70.onnx', 'clip56.stablehlo')} is not a .onnx file; give the .onnx file that "
+         "`vda-jax export` wrote"),
+    ]
+    out = tmp_path / "out"
+    for (model, *flags), message in cases:
+        assert cli.main(["infer", str(folder), "--onnx", model, *flags, "--output-dir", str(out), "--quiet"]) == 1
+        assert capsys.readouterr().err == f"vda-jax infer: error: {message}\n", flags
+        assert not out.exists()
+    # A streaming model runs with --streaming as without.
+    assert cli.main(["infer", str(folder), "--onnx", onnx_models["stream70"], "--streaming", "--output-dir", str(out),
+                     "--save-npz", "--quiet"]) == 0
+    assert np.load(out / "clip_depths.npz")["depths"].shape == (3, 72, 96)

@@ -1,4 +1,4 @@
-"""Ctrl-C held over blocks that must not be cut in two, and the decode thread's start."""
+"""Stop signals (Ctrl-C, SIGTERM) held over blocks that must not be cut in two, and the decode thread's start."""
 
 import signal
 import threading
@@ -23,6 +23,18 @@ def test_held_defers_ctrl_c_to_the_previous_handler():
         assert received == [signal.SIGINT] * 2  # the handler is back
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_held_defers_sigterm_too():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with interrupts.held():
+            signal.raise_signal(signal.SIGTERM)
+            assert received == []  # held
+        assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_held_raises_keyboard_interrupt_after_the_block():

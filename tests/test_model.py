@@ -78,17 +78,30 @@ def test_temporal_attention_with_cache_equals_the_last_row(pe):
     attention = TemporalAttention(16, heads=4, max_frames=8, pe=pe, rngs=nnx.Rngs(0), dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(1), (2, 5, 3, 16))  # [B, T, S, D]
     full, _ = attention(x)
-    _, cached = attention(x[:, :-1])
+    first, cached = attention(x[:, :-1], cached=())  # a stream's first frames: keys and values for the cache
     last, _ = attention(x[:, -1:], cached=cached)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(attention(x[:, :-1])[0]))
+
+
+def test_temporal_attention_of_a_clip_projects_nothing_for_a_cache():
+    """A clip (no cache) returns no keys and values, and computes none: q, k, v, out and the two attention
+    products are the only matmuls (the cache's projections of the unencoded inputs were dead code)."""
+    attention = TemporalAttention(16, heads=4, max_frames=8, pe="ape", rngs=nnx.Rngs(0), dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3, 16))
+    assert attention(x)[1] == ()
+    graphdef, state = nnx.split(attention)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x)[0])(state, x)
+    assert str(jaxpr).count("dot_general") == 6
 
 
 def test_temporal_module_is_per_position_and_starts_as_identity():
     module = TemporalModule(32, heads=8, max_frames=8, pe="ape", rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 4, 3, 5, 32))
-    y, cache = module(x)
+    y, cache = module(x, ())
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # zero-initialised proj_out
     assert [c.shape for c in cache] == [(2, 4, 15, 32)] * 4  # keys and values of 2 attention sub-blocks
+    assert module(x)[1] == ()  # a clip: none
     module.proj_out.kernel[...] = jax.random.normal(jax.random.key(2), module.proj_out.kernel.shape)
     y, _ = module(x)
     # Attention runs along time only: permuting spatial positions permutes the output.

@@ -87,7 +87,7 @@ def _recompute_from_normed_inputs(attend):
     (the new frames' rows of attention over ``context + new``)."""
 
     def call(self, x, cached=None):
-        frames = x if cached is None else jnp.concatenate([cached[0], x], axis=1)
+        frames = jnp.concatenate([cached[0], x], axis=1) if cached else x
         out, _ = attend(self, frames)
         return out[:, -x.shape[1]:], (x, x)
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -17,6 +18,7 @@ from ml_collections import config_dict
 
 from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint, read_config
+from vda_jax.data import builders
 from vda_jax.train.checkpoints import Checkpoints, flat_arrays, with_arrays
 from vda_jax.train.config import apply_overrides, default_config, load_config
 from vda_jax.train.coordination import Interrupted
@@ -117,7 +119,21 @@ def test_resume_interrupt_nonfinite_and_export(config, tmp_path):
         np.testing.assert_array_equal(v, final[k], err_msg=k)
 
 
-def test_checkpoints_keep_latest_and_best(tmp_path):
+def test_a_validation_split_smaller_than_a_batch_is_refused_before_training(config, tmp_path):
+    """With prepared data (no synthetic config to count the clips from), when the trainer is built (#24.6)."""
+    prepared = config.copy_and_resolve_references()
+    fields = prepared.synthetic.to_dict()
+    builders.prepare(builders.VdaSynthetic, prepared.data.data_dir,
+                     config=builders.SyntheticConfig(name=fields.pop("name"), **fields))  # (once per module)
+    apply_overrides(prepared, ["batch_size=8"])  # 12 training clips, 6 validation clips
+    prepared.synthetic = None
+    with pytest.raises(ValueError, match=r"^vda_synthetic/tiny:validation has 6 clips of 4 frames \(stride 1\), "
+                                         r"fewer than one batch of 8"):
+        Trainer(prepared, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path, caplog):
     class Tiny(nnx.Module):
         def __init__(self):
             self.w = nnx.Param(jnp.arange(3.0))
@@ -137,6 +153,18 @@ def test_checkpoints_keep_latest_and_best(tmp_path):
     restored = Checkpoints(str(tmp_path), keep=2, best_metric="val_loss", best_mode="min").restore(2, state, data)
     np.testing.assert_array_equal(restored["w"].get_value(), np.arange(3.0))
     assert next(data) == 2  # the iterator is back where it was at step 2
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]  # steps 4 and 7: no metrics
+
+
+def test_the_data_libraries_notes_are_dropped(caplog):
+    """TFDS's OpenCV advice and custom-config notes (printed by every synthetic training run) are not shown."""
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.INFO):
+        for message in ("OpenCV is not installed. We recommend using OpenCV because it is faster ...",
+                        "Using custom data configuration: SyntheticConfig(name='tiny')", "a warning of substance"):
+            absl_logging.warning(message)
+    assert [r.getMessage() for r in caplog.records] == ["a warning of substance"]
 
 
 def test_initial_model_from_official_checkpoint(fixtures, tiny_model, tiny_model_dir):
@@ -156,7 +184,9 @@ def test_overrides_parse_and_check_types():
     config = default_config()
     config.lock()
     apply_overrides(config, ["optimizer.lr=1", "data.crop_size=(56, 84)", "data.image_dataset=vda_pseudo_labels/x",
-                             "remat=True", "train_encoder=True", "optimizer.temporal_lr=3e-4"])
+                             "remat=True", "train_encoder=True", "optimizer.temporal_lr=3e-4",
+                             "checkpoint.best_metric='val_loss'", "init_from=\"/models/a b\""])
+    assert config.checkpoint.best_metric == "val_loss" and config.init_from == "/models/a b"  # quotes are Python's
     assert config.optimizer.lr == 1.0 and isinstance(config.optimizer.lr, float)
     assert config.data.crop_size == (56, 84)
     assert config.data.image_dataset == "vda_pseudo_labels/x" and config.remat is True

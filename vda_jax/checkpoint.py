@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vda_jax.config import ModelConfig
+from vda_jax.io.paths import check_output_folder
 from vda_jax.models.layers import Dtype, FusedLinear
 from vda_jax.models.vda import VideoDepthAnything
 
@@ -108,6 +109,7 @@ def check_model_output(path: str, *, overwrite: bool = False) -> None:
     Overwriting replaces only a vda-jax model directory (or an empty one), never other files.
     """
     if not os.path.lexists(path):
+        check_output_folder(path, "output directory")
         return
     if not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output directory or pass --overwrite")
@@ -149,21 +151,46 @@ def save_model(model: VideoDepthAnything, path: str, *, metadata: dict[str, Any]
 
 
 def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads ``DIR/config.json``: the model config and the rest of the metadata."""
+    """Reads ``DIR/config.json``: the model config and the rest of the metadata.
+
+    Raises:
+      CheckpointFormatError: ``path`` is not a model directory (the message says what it is
+        instead, e.g. a training workdir or an official checkpoint file) or is of a newer version.
+    """
     config_path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointFormatError(f"{path} does not exist; give a model directory from `vda-jax convert` or "
+                                    "training")
+    if not os.path.isdir(path):
+        hint = next((h for suffixes, h in _FILE_HINTS if str(path).endswith(suffixes)), "")
+        raise CheckpointFormatError(f"{path} is a file, not a vda-jax model directory{hint}")
     if not os.path.isfile(config_path):
-        official = str(path).endswith((".pth", ".safetensors"))
-        hint = " (convert official .pth files with `vda-jax convert`)" if official else ""
-        raise CheckpointFormatError(f"{path} is not a vda-jax model directory: no config.json{hint}")
+        raise CheckpointFormatError(f"{path} is not a vda-jax model directory: no config.json")
     try:
         with open(config_path) as f:
             info = json.load(f)
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{config_path} is not valid JSON ({e}); re-run the conversion") from e
-    if info.get("format") != FORMAT or info.get("version", 0) > VERSION:
-        raise CheckpointFormatError(f"{config_path}: unsupported format {info.get('format')!r} "
-                                    f"version {info.get('version')!r}; upgrade vda-jax")
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        if isinstance(info, dict) and "optimizer" in info:  # a training config: DIR is a workdir
+            model = os.path.join(path, "model")
+            where = (f"give {model}" if os.path.isdir(model) else
+                     f"its model is written when training ends, or now by `vda-jax checkpoint-to-model {path} OUT`")
+            raise CheckpointFormatError(f"{path} is a training workdir, not a model directory; {where}")
+        raise CheckpointFormatError(f"{path} is not a vda-jax model directory: {config_path} is not a vda-jax "
+                                    "model config")
+    version = info.get("version", 1)
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointFormatError(f"{config_path}: model format version {version!r} is newer than this vda-jax "
+                                    f"reads ({VERSION}); upgrade vda-jax")
     return ModelConfig.from_dict(info["model"]), info
+
+
+# What a file given for a model directory probably is, and where it goes instead.
+_FILE_HINTS = (
+    ((".pth", ".safetensors"), " (convert official .pth / .safetensors files with `vda-jax convert`)"),
+    ((".onnx",), " (run exported ONNX models with `vda-jax infer --onnx`)"),
+)
 
 
 def _fused_parameters(model: VideoDepthAnything) -> list[tuple]:

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from vda_jax import interrupts
 from vda_jax.precision import PRECISIONS
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -32,25 +33,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", choices=("vits", "vitb", "vitl", "vitg"),
                    help="expected encoder (detected from the tensor shapes; given, it is checked)")
     p.add_argument("--metric", action="store_true", help="the checkpoint is a metric-depth model")
-    p.add_argument("--config", help="architecture JSON for sizes other than the released ones")
+    p.add_argument("--config", help="the architecture, for sizes other than the released ones: a JSON of its "
+                                    "fields, or a model directory (or its config.json) of the same architecture")
     p.add_argument("--overwrite", action="store_true", help="replace output_dir if it exists")
     p.set_defaults(handler=_convert)
 
 
 def _train(args: argparse.Namespace) -> int | None:
     from vda_jax import compilation_cache
-    from vda_jax.data.files import check_output_folder
-    from vda_jax.train.config import load_config, resume_changes
+    from vda_jax.io.paths import check_output_folder
+    from vda_jax.train.config import load_config, workdir_changes
     from vda_jax.train.coordination import Interrupted
     from vda_jax.train.loop import NonFiniteLossError, train
 
     config = load_config(args.config, args.overrides)
     check_output_folder(args.workdir, "--workdir")
-    previous = os.path.join(args.workdir, "config.json")
-    if os.path.isfile(previous):  # resuming: refuse what cannot change, say what did
-        with open(previous) as f:
-            for change in resume_changes(f.read(), config):
-                print(f"config changed since the last start: {change}")
+    for change in workdir_changes(args.workdir, config):  # resuming: refuse what cannot change, say what did
+        print(f"config changed since the last start: {change}")
     compilation_cache.enable()  # a resumed run skips recompiling its steps
     try:
         train(config, args.workdir)
@@ -97,25 +96,27 @@ def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from vda_jax.export.exporter import ExportOptions, export_checkpoint
+    from vda_jax.runtime.metadata import metadata_path
 
     options = ExportOptions(format=args.format, frames=args.frames, height=args.height, width=args.width,
                             precision=args.precision, streaming=args.streaming)
     if not (args.checkpoint or args.model):
         raise ValueError("name the model to export: a model directory, or --model NAME")
     metadata = export_checkpoint(_model_source(args), args.output, options, overwrite=args.overwrite)
-    print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {os.path.splitext(args.output)[0]}.json)"
+    print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {metadata_path(args.output)})"
                                     if metadata else ""))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to ONNX, StableHLO or the official PyTorch layout",
-                       description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.json "
-                                   "describing its inputs, outputs and preprocessing) or an official "
-                                   "checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
+                       description="Writes a deployment artefact (OUT.onnx or OUT.stablehlo, with OUT.onnx.json "
+                                   "or OUT.stablehlo.json describing its inputs, outputs and preprocessing) or an "
+                                   "official checkpoint (OUT.pth or OUT.safetensors) for the PyTorch code.")
     _add_model_options(p, "model directory (from `vda-jax convert` or training)", positional=True)
     p.add_argument("output", help="file to write: .onnx, .stablehlo, .pth or .safetensors")
-    p.add_argument("--format", choices=("onnx", "stablehlo", "official"), default="onnx")
-    p.add_argument("--frames", type=_positive_int, default=32, help="clip length T of the clip model")
+    p.add_argument("--format", choices=("onnx", "stablehlo", "official"), default="onnx", help="what to write")
+    p.add_argument("--frames", type=_positive_int, default=32,
+                   help="clip length T of the clip model (vda-jax infer --onnx runs 32-frame windows)")
     p.add_argument("--height", type=_positive_int, help="network input height, a multiple of 14 "
                                                         "(default: the checkpoint's input size)")
     p.add_argument("--width", type=_positive_int, help="network input width, a multiple of 14")
@@ -183,12 +184,14 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p, "model directory from `vda-jax convert` (default: the bundled demo model)")
     p.add_argument("--onnx", metavar="MODEL.onnx", help="run a model from `vda-jax export` in onnxruntime instead "
                                                         "(its network size must fit the videos)")
-    p.add_argument("--output-dir", default="./outputs")
-    p.add_argument("--input-size", type=_positive_int,
+    p.add_argument("--output-dir", default="./outputs", help="folder of the outputs (created if missing)")
+    p.add_argument("--input-size", type=_input_size,
                    help="network input short side (default: the checkpoint's, else 518)")
-    p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
-    p.add_argument("--max-len", type=int, default=-1, help="at most this many frames (-1: all)")
-    p.add_argument("--target-fps", type=float, default=-1, help="subsample to about this frame rate (-1: keep)")
+    p.add_argument("--max-res", type=_positive_or_off, default=1280,
+                   help="downscale frames whose long side exceeds this (-1: never)")
+    p.add_argument("--max-len", type=_positive_or_off, default=-1, help="at most this many frames (-1: all)")
+    p.add_argument("--target-fps", type=_positive_or_off_float, default=-1,
+                   help="subsample to about this frame rate (-1: keep every frame)")
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: bf16 on GPU, "
                                                                  "fp32 on CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
@@ -201,8 +204,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-npz", action="store_true", help="also write <name>_depths.npz (key 'depths')")
     p.add_argument("--save-exr", action="store_true", help="also write <name>_depths_exr/ (needs vda-jax[exr])")
     p.add_argument("--save-ply", action="store_true", help="metric models: per-frame point clouds in <name>_ply/")
-    p.add_argument("--focal-length-x", type=float, default=470.4)
-    p.add_argument("--focal-length-y", type=float, default=470.4)
+    p.add_argument("--focal-length-x", type=_positive_float, default=470.4, help="for --save-ply, in pixels")
+    p.add_argument("--focal-length-y", type=_positive_float, default=470.4, help="for --save-ply, in pixels")
     p.add_argument("--overwrite", action="store_true", help="redo videos whose outputs exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_infer)
@@ -210,10 +213,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from vda_jax.eval import runner
+    from vda_jax.io.paths import check_output_file
 
     dataset, _, split = args.dataset.partition(":")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        check_output_file(args.output, "--output")  # not after the evaluation
     model, input_size = _load_model(_model_source(args))
     report = runner.evaluate(model, dataset, split or "test", data_dir=args.data_dir,
                              max_frames=args.max_frames, input_size=args.input_size or input_size,
@@ -236,7 +240,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="tensorflow-datasets data directory")
     p.add_argument("--max-frames", type=_positive_int, help="score at most this many frames per video")
     p.add_argument("--output", help="also write the report as JSON")
-    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
+    p.add_argument("--input-size", type=_input_size, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--strategy", choices=tuple(STRATEGIES), default="full",
                    help="window strategy (the paper's Table 5): full is the released method")
@@ -245,8 +249,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _pseudo_label(args: argparse.Namespace) -> None:
-    from vda_jax.data.pseudo_label import pseudo_label
+    from vda_jax.data.pseudo_label import check_folders, pseudo_label
 
+    check_folders(args.images, args.output)  # before the model loads
     model, input_size = _load_model(_model_source(args))
     count = pseudo_label(model, args.images, args.output, input_size=args.input_size or input_size,
                          precision=args.precision, batch_size=args.batch_size, progress=not args.quiet)
@@ -260,7 +265,7 @@ def _add_pseudo_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="output folder")
     _add_model_options(p, "teacher model directory (default: the bundled demo model)")
-    p.add_argument("--input-size", type=_positive_int, help="default: the checkpoint's, else 518")
+    p.add_argument("--input-size", type=_input_size, help="default: the checkpoint's, else 518")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -273,6 +278,7 @@ def _demo(args: argparse.Namespace) -> None:
     from vda_jax.precision import default_precision
 
     demo.check_installed()
+    demo.check_address(args.host, args.port)  # before the model loads
     model, input_size = _load_model(_model_source(args))
     compilation_cache.enable()
     limits = demo.Limits(max_upload_mb=args.max_upload_mb, max_len=args.max_len, max_res=args.max_res)
@@ -281,7 +287,7 @@ def _demo(args: argparse.Namespace) -> None:
     with demo.running(model, args.input_size or input_size, limits, about=about, host=args.host, port=args.port,
                       precision=args.precision or default_precision(Platform.of())) as page:
         print(f"vda-jax demo: serving {page.local_url} (Ctrl-C stops)", flush=True)
-        page.block_thread()
+        demo.serve_until_stopped(page)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -291,11 +297,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "127.0.0.1 only unless --host says otherwise (0.0.0.0: every interface).")
     _add_model_options(p, "model directory (default: the bundled demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=_positive_int, default=7860)
+    p.add_argument("--port", type=_port, default=7860, help="port to listen on")
     p.add_argument("--max-upload-mb", type=_positive_float, default=200, help="larger uploads are refused")
     p.add_argument("--max-len", type=_positive_int, default=500, help="at most this many frames per video")
-    p.add_argument("--max-res", type=int, default=1280, help="downscale frames whose long side exceeds this")
-    p.add_argument("--input-size", type=_positive_int, help="the page's default input size (default: the "
+    p.add_argument("--max-res", type=_positive_or_off, default=1280,
+                   help="downscale frames whose long side exceeds this (-1: never)")
+    p.add_argument("--input-size", type=_input_size, help="the page's default input size (default: the "
                                                             "checkpoint's, else 518)")
     p.add_argument("--precision", choices=PRECISIONS, help="the page's default precision (default: bf16 on GPU, "
                                                            "fp32 on CPU)")
@@ -340,18 +347,45 @@ def _model_source(args: argparse.Namespace) -> str | None:
     return args.checkpoint
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def _checked(kind: type[int] | type[float], ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` where ``ok`` holds, else "must be RULE, got TEXT"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_port = _checked(int, lambda v: 1 <= v <= 65535, "a port from 1 to 65535")
+_input_size = _checked(int, lambda v: v >= 14, "an integer >= 14 (one ViT patch)")
+# The official run.py's limits: -1 turns them off (0 or other negatives are mistakes, not "off").
+_positive_or_off = _checked(int, lambda v: v >= 1 or v == -1, "a positive integer or -1 (off)")
+_positive_or_off_float = _checked(float, lambda v: v > 0 or v == -1, "a positive number or -1 (off)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, where there is one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
 
 
 def _load_model(checkpoint: str | None):
@@ -375,40 +409,53 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vda-jax", description="Video Depth Anything in JAX.")
+    from vda_jax import __version__
+
+    parser = _Parser(prog="vda-jax", description="Video Depth Anything in JAX.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _SUBCOMMANDS:
         add(sub)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = _HelpFormatter
     return parser
 
 
 @contextlib.contextmanager
-def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
-    """Yields ("was Ctrl-C pressed?", "from now on Ctrl-C raises KeyboardInterrupt").
+def _interrupts() -> Iterator[tuple[Callable[[], int], Callable[[], None]]]:
+    """Yields ("the stop signal received, or 0", "from now on a stop signal raises KeyboardInterrupt").
 
-    Until the second is called Ctrl-C is only noted: an interrupt inside the import of an
-    extension module (numpy, jaxlib) makes it print a traceback. An interrupt that Python
-    drops (raised in a gc callback, such as JAX's, or in ``__del__``) is delivered again.
+    The stop signals are Ctrl-C (SIGINT) and SIGTERM, what ``timeout``, SLURM and Kubernetes
+    send: both stop a command the same way, cleaning up after it. Until the second is called a
+    signal is only noted: an interrupt inside the import of an extension module (numpy, jaxlib)
+    makes it print a traceback. An interrupt that Python drops (raised in a gc callback, such as
+    JAX's, or in ``__del__``) is delivered again.
     """
-    pressed, raising = threading.Event(), threading.Event()
+    received: list[int] = []
+    raising = threading.Event()
+
+    def interrupted() -> int:
+        return received[0] if received else 0
+
     if threading.current_thread() is not threading.main_thread():
-        yield pressed.is_set, raising.set
+        yield interrupted, raising.set
         return
 
     def handler(signum, frame):
-        del signum, frame
-        pressed.set()
+        del frame
+        if not received:
+            received.append(signum)
         if raising.is_set():
             raise KeyboardInterrupt
 
     def raise_from_now() -> None:
         raising.set()
-        if pressed.is_set():
+        if received:
             raise KeyboardInterrupt
 
     def again() -> None:
-        if signal.getsignal(signal.SIGINT) is handler:  # still in the block
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if signal.getsignal(received[0]) is handler:  # still in the block
+            signal.pthread_kill(threading.main_thread().ident, received[0])
 
     def unraisable(info) -> None:
         if isinstance(info.exc_value, KeyboardInterrupt):  # dropped: no traceback; it comes again a moment
@@ -419,16 +466,17 @@ def _interrupts() -> Iterator[tuple[Callable[[], bool], Callable[[], None]]]:
         else:
             previous_hook(info)
 
-    previous, previous_hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
-    sys.unraisablehook = unraisable
+    previous = {signum: signal.signal(signum, handler) for signum in interrupts.STOP_SIGNALS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
-        yield pressed.is_set, raise_from_now
+        yield interrupted, raise_from_now
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
         sys.unraisablehook = previous_hook
 
 
-def _run(args: argparse.Namespace, interrupted: Callable[[], bool]) -> int:
+def _run(args: argparse.Namespace, interrupted: Callable[[], int]) -> int:
     try:
         return int(args.handler(args) or 0)
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
@@ -439,35 +487,39 @@ def _run(args: argparse.Namespace, interrupted: Callable[[], bool]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit code (128 + the signal's number when a stop signal ended it)."""
     with _interrupts() as (interrupted, raise_from_now):
         try:
-            import jax  # noqa: F401  (the slow start-up, with Ctrl-C only noted)
+            import jax  # noqa: F401  (the slow start-up, with stop signals only noted)
 
             args = build_parser().parse_args(argv)
             raise_from_now()
             code = _run(args, interrupted)
         except KeyboardInterrupt:
-            code = 130
+            code = 128 + signal.SIGINT
         except Exception:
             if not interrupted():
                 raise
-            code = 130  # the interrupt's doing, e.g. an ImportError from an extension it broke
-        if interrupted() or code == 130:
-            print("vda-jax: interrupted", file=sys.stderr)
-            return 130
+            code = 128 + signal.SIGINT  # the interrupt's doing, e.g. an ImportError from an extension it broke
+        signum = interrupted() or (signal.SIGINT if code == 128 + signal.SIGINT else 0)
+        if signum:
+            print("vda-jax: interrupted" if signum == signal.SIGINT else
+                  f"vda-jax: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
     return code
 
 
 def entry() -> None:
     """The ``vda-jax`` console script.
 
-    After an interrupt it exits without the interpreter's teardown: background threads of XLA
+    After a stop signal it exits without the interpreter's teardown: background threads of XLA
     and orbax may still be running then, and tearing the runtime down under them can crash.
     Every file has been cleaned up by then (the commands write through temporary paths).
     """
     code = main()
     # In a multi-process job the processes stop together and leave through JAX's shutdown barrier.
-    if code == 130 and not ("jax" in sys.modules and sys.modules["jax"].process_count() > 1):
+    stopped = code in {128 + signum for signum in interrupts.STOP_SIGNALS}
+    if stopped and not ("jax" in sys.modules and sys.modules["jax"].process_count() > 1):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

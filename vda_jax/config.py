@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 # Encoder sizes of DINOv2 (ViT-S/B/L/g with patch 14); the head sizes Video Depth
@@ -120,9 +121,28 @@ _ARCH_JSON_FIXED = {"use_clstoken": False, "use_bn": False, "layer_scale_init": 
 
 
 def config_from_json(path: str) -> ModelConfig:
-    """Reads a custom architecture from JSON (our `to_dict` keys or the official names)."""
-    with open(path) as f:
-        values = json.load(f)
+    """Reads an architecture: a JSON of ``ModelConfig`` fields or the official names (optionally under
+    ``"architecture"``), or a vda-jax model directory (or its ``config.json``).
+
+    Raises:
+      ValueError: naming the file, for a file that is not such a JSON.
+    """
+    what = "give an architecture JSON or a vda-jax model directory"
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path} is a folder without a config.json; {what}")
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; {what}")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}); {what}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an architecture's fields")
+    if values.get("format") == "vda-jax":  # a model directory's config.json (checkpoint.FORMAT)
+        return ModelConfig.from_dict(values["model"])
     values = values.get("architecture", values)
     out: dict[str, Any] = {"encoder": "custom"}
     for key, value in values.items():

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import time
 import zipfile
@@ -76,6 +78,33 @@ class Result:
 def check_installed() -> None:
     if importlib.util.find_spec("gradio") is None:
         raise ValueError(f"the web demo needs gradio: {INSTALL}")
+
+
+def check_address(host: str, port: int) -> None:
+    """Raises ValueError naming ``--host`` or ``--port`` unless the server can listen on ``host:port``.
+
+    Checked before the model loads; the server binds as this does (``SO_REUSEADDR``, as uvicorn).
+    """
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port; choose one from 1 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"--host {host} is neither an address nor a known host name; use 127.0.0.1 (this "
+                         "machine only) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port} is in use on {host}; choose another with --port") from None
+            if e.errno == errno.EACCES:
+                raise ValueError(f"--port {port} is not open to this user (ports below 1024 need root); choose "
+                                 "another with --port") from None
+            raise ValueError(f"--host {host} is not an address of this machine; use 127.0.0.1 (this machine "
+                             "only) or 0.0.0.0 (every interface)") from None
 
 
 def check_upload(path: str, limits: Limits) -> VideoInfo:
@@ -183,9 +212,11 @@ class _Rate:
         self.progress((min(self.done, self.total), self.total), desc=f"{rate:.1f} frames/s", unit="frames")
 
 
-def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precision: str, about: str = ""):
+def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precision: str, about: str = "",
+          scratch: str | None = None):
     """The page, a ``gr.Blocks`` (served by ``running``): ``input_size`` and ``precision`` are its defaults,
-    ``about`` a line on the model."""
+    ``about`` a line on the model, ``scratch`` the folder of the requests' work folders (None: the system's
+    temporary folder)."""
     import gradio as gr
 
     metric = model.config.metric
@@ -200,7 +231,7 @@ def build(model: VideoDepthAnything, input_size: int, limits: Limits, *, precisi
         except ValueError as e:
             raise gr.Error(str(e), print_exception=False) from e
         settings = Settings(int(size), int(max_len), precision, bool(streaming))
-        workdir = tempfile.mkdtemp(prefix="vda-jax-demo-")
+        workdir = tempfile.mkdtemp(prefix="vda-jax-demo-", dir=scratch)
         try:
             result = run_request(model, video, workdir, settings, limits,
                                  on_frames=_Rate(min(info.num_frames, settings.max_len), progress))
@@ -267,16 +298,28 @@ def running(model: VideoDepthAnything, input_size: int, limits: Limits, *, preci
 
     One request computes at a time (the queue); uploads over ``limits.max_upload_mb`` are
     refused. Gradio keeps uploads and served outputs in a temporary folder of this server's
-    own (``GRADIO_TEMP_DIR`` while it runs), removed as the block ends.
+    own (``GRADIO_TEMP_DIR`` while it runs), the requests their work folders beside it, all
+    removed as the block ends, by a stop signal too.
+
+    Raises:
+      ValueError: the server cannot listen on ``host:port`` (``check_address`` says why).
     """
+    check_address(host, port)
     previous = os.environ.get("GRADIO_TEMP_DIR")
-    with tempfile.TemporaryDirectory(prefix="vda-jax-demo-") as cache:
+    with tempfile.TemporaryDirectory(prefix="vda-jax-demo-") as root:
+        # Gradio's cache and the requests' folders apart: Gradio serves only the outputs it copied in.
+        cache, scratch = os.path.join(root, "gradio"), os.path.join(root, "requests")
+        os.mkdir(cache)
+        os.mkdir(scratch)
         os.environ["GRADIO_TEMP_DIR"] = cache  # read as the page's components are made
         try:
-            page = build(model, input_size, limits, precision=precision, about=about)
+            page = build(model, input_size, limits, precision=precision, about=about, scratch=scratch)
             page.queue(default_concurrency_limit=1)
-            page.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes,
-                        allowed_paths=[SAMPLE_VIDEO], show_error=True, prevent_thread_lock=True, quiet=True)
+            try:
+                page.launch(server_name=host, server_port=port, max_file_size=limits.max_upload_bytes,
+                            allowed_paths=[SAMPLE_VIDEO], show_error=True, prevent_thread_lock=True, quiet=True)
+            except OSError:  # taken since check_address (Gradio's message names its own settings)
+                raise ValueError(f"--port {port} is in use on {host}; choose another with --port") from None
             try:
                 yield page
             finally:
@@ -286,3 +329,9 @@ def running(model: VideoDepthAnything, input_size: int, limits: Limits, *, preci
                 del os.environ["GRADIO_TEMP_DIR"]
             else:
                 os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def serve_until_stopped(page) -> None:
+    """Blocks while ``page`` is served; a stop signal (KeyboardInterrupt) ends it, and ``running`` cleans up."""
+    while page.is_running:
+        time.sleep(0.1)

@@ -39,7 +39,13 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vda_jax import logs
 from vda_jax.data import files, layouts, synthetic
+from vda_jax.io.paths import check_output_folder
+
+# TFDS recommends OpenCV for decoding PNGs (PIL decodes ours as well), and announces every
+# BuilderConfig that is not predefined (the synthetic configs of a training run are made to measure).
+logs.drop("absl", "OpenCV is not installed.", "Using custom data configuration:")
 
 _NO_K = np.full((3, 3), np.nan, np.float32)
 _NO_POSE = np.full((4, 4), np.nan, np.float32)
@@ -330,7 +336,7 @@ def prepare(
       source_dir: the folder to read, for the folder-based builders.
       **kwargs: passed to the builder (e.g. ``workers`` for VdaSynthetic).
     """
-    files.check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
+    check_output_folder(data_dir, "data_dir")  # before tfds announces "Downloading and preparing"
     builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record", **kwargs)
     download_config = tfds.download.DownloadConfig(manual_dir=source_dir) if source_dir else None
     builder.download_and_prepare(download_config=download_config)
@@ -357,6 +363,9 @@ def open_split(name: str, split: str, data_dir: str | None) -> tuple[Sequence[di
         builder = None
     if builder is None or not builder.is_prepared():
         where = builder.data_dir if builder else data_dir or "the default TFDS data directory"
+        if data_dir and os.path.isdir(os.path.join(data_dir, "checkpoints")):  # a training workdir
+            raise ValueError(f"dataset {name} is not built in {where}: {data_dir} is a training workdir; its run "
+                             f"renders synthetic data into {os.path.join(data_dir, 'data')}")
         raise ValueError(f"dataset {name} is not built in {where}: pass the data directory it was built in (a "
                          "training run renders its synthetic data into WORKDIR/data), or build it with "
                          "vda_jax.data.builders.prepare")

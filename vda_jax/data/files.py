@@ -31,15 +31,6 @@ def list_files(folder: str, extensions: Sequence[str]) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
 
 
-def check_output_folder(path: str, what: str) -> None:
-    """Raises ``ValueError`` unless ``path`` is, or can be made, a directory (no file on its way)."""
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{what} {path} cannot be a folder: {parent} is a file; choose another path")
-
-
 def stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 

@@ -33,6 +33,7 @@ from PIL import Image
 from vda_jax import compilation_cache
 from vda_jax.data import files
 from vda_jax.inference.sizing import network_size
+from vda_jax.io.paths import check_output_folder
 from vda_jax.io.video import AtomicPath
 from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.runtime.preprocess import preprocess, resize_depth
@@ -48,8 +49,16 @@ def label_path(output_dir: str, image: str) -> str:
     return os.path.join(output_dir, "depth", os.path.splitext(image)[0] + ".npy")
 
 
+def check_folders(images_dir: str, output_dir: str) -> None:
+    """Raises ValueError unless ``images_dir`` holds images and ``output_dir`` can take the labels."""
+    _image_files(images_dir)
+    check_output_folder(output_dir, "--output")
+
+
 def _image_files(images_dir: str) -> list[str]:
     """Paths of the images under ``images_dir``, relative to it, in natural order."""
+    if os.path.isfile(images_dir):
+        raise ValueError(f"images folder {images_dir} is a file; give the folder of the images")
     if not os.path.isdir(images_dir):
         raise ValueError(f"images folder {images_dir} does not exist")
     images = [
@@ -140,6 +149,7 @@ def pseudo_label(model: VideoDepthAnything, images_dir: str, output_dir: str, *,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _image_files(images_dir)
+    check_output_folder(output_dir, "--output")
     _link_images(images_dir, output_dir)
     unreadable: list[str] = []
     groups: dict[tuple[int, int], list[tuple[str, tuple[int, int]]]] = collections.defaultdict(list)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -229,7 +230,8 @@ def format_table(report: EvalReport) -> str:
 
 
 def write_json(report: EvalReport, path: str) -> None:
-    """Writes ``report.to_dict()`` to ``path`` atomically."""
+    """Writes ``report.to_dict()`` to ``path`` atomically (its folder is created if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with AtomicPath(path) as tmp, open(tmp, "w") as f:
         json.dump(report.to_dict(), f, indent=2)
         f.write("\n")

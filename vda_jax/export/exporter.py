@@ -1,9 +1,10 @@
 """``vda-jax export``: a model directory -> an ONNX or StableHLO artefact (+ JSON), or an official checkpoint.
 
-Beside ``OUT.onnx`` / ``OUT.stablehlo`` goes ``OUT.json``, everything a runtime
-needs besides the graph: input and output names, shapes and dtypes, the network
-input size, the normalisation, relative or metric depth and the source
-checkpoint's hash. Files appear atomically: a failed export leaves nothing.
+Beside ``OUT.onnx`` / ``OUT.stablehlo`` goes ``OUT.onnx.json`` / ``OUT.stablehlo.json``
+(``runtime.metadata``), everything a runtime needs besides the graph: input and output
+names, shapes and dtypes, the network input size, the normalisation, relative or metric
+depth and the source checkpoint's hash. Files appear atomically: a failed export leaves
+nothing.
 
 StableHLO calling convention: ``jax.export.deserialize(bytearray(data))`` gives an
 ``Exported`` whose ``.call(*inputs)`` takes the inputs in the JSON's order (the
@@ -13,29 +14,33 @@ outputs in its order; the parameters are constants inside the module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vda_jax import interrupts
 from vda_jax.checkpoint import load_checkpoint, read_config
 from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from vda_jax.export import graphs
 from vda_jax.export.official import write_official
 from vda_jax.inference import schedule, sizing, stream
+from vda_jax.io.paths import check_output_file
+from vda_jax.io.video import AtomicPath
 from vda_jax.models.vda import VideoDepthAnything, with_options
+from vda_jax.runtime.metadata import ARTIFACT_SUFFIXES, EXPORT_FORMAT, EXPORT_VERSION, metadata_path
 
 FORMATS = ("onnx", "stablehlo", "official")
 PRECISIONS = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
-EXPORT_FORMAT = "vda-jax-export"
-EXPORT_VERSION = 1
-_SUFFIXES = {"onnx": ".onnx", "stablehlo": ".stablehlo"}
+OFFICIAL_SUFFIXES = (".pth", ".safetensors")
 _ONNX_INLINE_LIMIT = 1_800_000_000  # bytes of weights kept inside the .onnx file (protobuf stops at 2 GiB)
 
 
@@ -64,9 +69,13 @@ class ExportOptions:
             # jax2onnx 0.17.1's Flax layer plugins ignore the layers' compute dtype and mix float16 and float32.
             raise ValueError(f"ONNX export is float32 only; build a {self.precision} engine from it "
                              "(trtexec --fp16) or use --format stablehlo")
-        if self.format == "official" and (self.streaming or self.precision != "fp32" or self.height):
+        if self.format == "official" and (self.streaming or self.precision != "fp32" or self.height
+                                          or self.frames != schedule.WINDOW_FRAMES):
             raise ValueError("--format official writes the float32 parameters only; drop --streaming, "
-                             "--precision, --height and --width")
+                             "--frames, --precision, --height and --width")
+        if self.streaming and self.frames != schedule.WINDOW_FRAMES:
+            raise ValueError("--frames sets the clip model's length; a streaming model takes one frame at a time: "
+                             "drop --frames")
         if not 1 <= self.frames <= config_frames:
             raise ValueError(f"--frames {self.frames} must be between 1 and the model's {config_frames}")
 
@@ -76,15 +85,21 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     """Exports a model directory; returns the metadata written beside it (empty for ``official``)."""
     config, info = read_config(checkpoint)
     options.check(config.num_frames)
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; choose another name or pass --overwrite")
+    by_format = {**{f: (suffix,) for f, suffix in ARTIFACT_SUFFIXES.items()}, "official": OFFICIAL_SUFFIXES}
+    other = next((f for f, suffixes in by_format.items() if f != options.format and output.endswith(suffixes)), None)
+    if other:
+        raise ValueError(f"--format {options.format} output {output} is named like a --format {other} file; pass "
+                         f"--format {other}, or end the name in {' or '.join(by_format[options.format])}")
+    check_output_file(output, f"--format {options.format} output", suffixes=by_format[options.format],
+                      overwrite=overwrite)
+    if options.format == "onnx":
+        _onnx_modules()  # missing: said now, not after loading and tracing the model
     model = load_checkpoint(checkpoint)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if options.format == "official":
-        with _atomic(output) as tmp:
+        with AtomicPath(output) as tmp:
             write_official(model, tmp)
         return {}
-    if not output.endswith(_SUFFIXES[options.format]):
-        raise ValueError(f"{options.format} output must end in {_SUFFIXES[options.format]}, got {output}")
     input_size = int(info.get("input_size", 518))
     net_size = (options.height, options.width) if options.height else (input_size,) * 2
     model = with_options(model, dtype=PRECISIONS[options.precision])
@@ -99,31 +114,69 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     outputs = jax.eval_shape(fn, *specs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     metadata = _metadata(model, checkpoint, options, net_size, zip(names, specs), zip(out_names, outputs))
-    json_path = os.path.splitext(output)[0] + ".json"
-    with _atomic(output) as tmp, _atomic(json_path) as tmp_json:
+    artifact, description = AtomicPath(output), AtomicPath(metadata_path(output))
+    try:
         if options.format == "onnx":
-            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=tmp,
+            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=artifact.tmp,
                         final_path=output)
         else:
-            _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=tmp)
-        with open(tmp_json, "w") as f:
+            _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=artifact.tmp)
+        with open(description.tmp, "w") as f:
             json.dump(metadata, f, indent=2)
+        with interrupts.held():  # both or neither
+            description.commit()
+            artifact.commit()
+    finally:
+        artifact.discard()
+        description.discard()
     return metadata
 
 
-def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str, final_path: str) -> None:
+def _onnx_modules():
+    """``(onnx, jax2onnx.to_onnx)``, or ValueError with the install command."""
     try:
         import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
         raise ValueError(f"ONNX export needs jax2onnx ({e}); install it with pip install 'vda-jax[onnx]'") from e
+    return onnx, to_onnx
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Drops ``logger``'s messages below ERROR in the block (onnx_ir warns once per untyped shape constant)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str, final_path: str) -> None:
+    onnx, to_onnx = _onnx_modules()
     inputs = [("B", *s.shape[1:]) if dynamic_batch and i == 0 else s for i, s in enumerate(specs)]
-    proto = to_onnx(fn, inputs, model_name="video_depth_anything", input_names=list(names),
-                    output_names=list(out_names))
+    with _quiet("onnx_ir"):
+        proto = to_onnx(fn, inputs, model_name="video_depth_anything", input_names=list(names),
+                        output_names=list(out_names))
+    if dynamic_batch:
+        _name_output_batch_axes(proto.graph, "B")
     # One self-contained file, unless the weights pass protobuf's 2 GB limit (vitg): then FINAL.onnx.data.
     weights = sum(len(t.raw_data) for t in proto.graph.initializer)
     onnx.save_model(proto, path, save_as_external_data=weights > _ONNX_INLINE_LIMIT, all_tensors_to_one_file=True,
                     location=os.path.basename(final_path) + ".data")
+
+
+def _name_output_batch_axes(graph, name: str) -> None:
+    """Renames the symbol jax2onnx gave the outputs' batch axis (``dynamic_25``) to the input's, everywhere."""
+    for output in graph.output:
+        symbol = output.type.tensor_type.shape.dim[0].dim_param
+        if symbol and symbol != name:
+            for value in (*graph.value_info, *graph.output):
+                for dim in value.type.tensor_type.shape.dim:
+                    if dim.dim_param == symbol:
+                        dim.dim_param = name
 
 
 def _write_stablehlo(fn, specs, *, dynamic_batch: bool, path: str) -> None:
@@ -174,26 +227,3 @@ def checkpoint_hash(path: str) -> str:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
-
-
-class _atomic:
-    """A temporary file next to ``path`` that replaces it only if the block succeeds."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-
-    def __enter__(self) -> str:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.tmp-",
-                                        suffix=os.path.splitext(self.path)[1], dir=os.path.dirname(self.path))
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's files are private
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)

@@ -34,7 +34,7 @@ def clip_function(model: VideoDepthAnything) -> Callable[[jax.Array], jax.Array]
 def ring_specs(model: VideoDepthAnything, net_size: tuple[int, int]) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shapes of the streaming ring: 16 arrays ``[1, RING_SLOTS, S, D]`` (keys and values) in the compute dtype."""
     frame = jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32)
-    states = jax.eval_shape(lambda f: model.decode(model.encode(f), 1, net_size)[1], frame)
+    states = jax.eval_shape(lambda f: model.decode(model.encode(f), 1, net_size, ())[1], frame)
     return tuple(jax.ShapeDtypeStruct((1, stream.RING_SLOTS, *s.shape[2:]), s.dtype) for s in states)
 
 
@@ -47,7 +47,7 @@ def stream_function(model: VideoDepthAnything, net_size: tuple[int, int]) -> Cal
         features = model.encode(frame)
 
         def first(_):  # the official stream computes its first frame alone
-            depth, states = model.decode(features, 1, net_size)
+            depth, states = model.decode(features, 1, net_size, ())
             return depth, tuple(jnp.broadcast_to(s.astype(r.dtype), r.shape) for s, r in zip(states, ring))
 
         def later(_):

@@ -34,6 +34,7 @@ import tqdm
 from vda_jax import interrupts
 from vda_jax.inference.video import VideoJob, run_videos
 from vda_jax.io import outputs
+from vda_jax.io.paths import check_output_folder
 from vda_jax.io.video import VideoInfo, VideoWriter, check_preset, encoded_shape, probe, read_frames, source_name
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.runtime.model import ExportedModel
@@ -73,6 +74,7 @@ def check_options(options: OutputOptions) -> None:
     """Raises ValueError for options that cannot work, before any model is loaded."""
     if os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
         raise ValueError(f"--output-dir {options.output_dir!r} is a file; name a folder (it is created if missing)")
+    check_output_folder(options.output_dir, "--output-dir")
     check_preset(options.video_preset)
     if options.save_exr and not outputs.exr_available():
         raise ValueError(f"--save-exr needs the OpenEXR package: {outputs.EXR_INSTALL}")
@@ -259,6 +261,11 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
                          "--output-dir")
     if options.save_ply and not (model.metric if isinstance(model, ExportedModel) else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
+    if isinstance(model, ExportedModel):
+        model.check_video_options(streaming=streaming, precision=precision)
+    if batch_size != 1 and (streaming or isinstance(model, ExportedModel)):
+        runner = "streaming" if streaming else "the ONNX runtime"
+        raise ValueError(f"--batch-size {batch_size}: {runner} runs one video at a time; drop --batch-size")
     check_options(options)
     created = not os.path.isdir(options.output_dir)
     os.makedirs(options.output_dir, exist_ok=True)

@@ -87,7 +87,7 @@ def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
 
 
 def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[int, int],
-                 cache: Cache | None) -> tuple[jax.Array, Cache]:
+                 cache: Cache) -> tuple[jax.Array, Cache]:
     """uint8 ``[H, W, 3]`` -> float32 depth ``[H, W]`` and the frame's keys and values (16 ``[1, 1, S, D]``)."""
     features = model.encode(preprocess(frame[None], net_size))
     depth, states = model.decode(features, 1, net_size, cache)
@@ -98,7 +98,7 @@ def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[in
 def start_stream(model: VideoDepthAnything, frame: jax.Array,
                  net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
     """Depth of a stream's first frame (alone) and the ring seeded with its keys and values in every slot."""
-    depth, states = _frame_depth(model, frame, net_size, None)
+    depth, states = _frame_depth(model, frame, net_size, ())
     ring = tuple(jnp.broadcast_to(s, (s.shape[0], RING_SLOTS, *s.shape[2:])) for s in states)
     return StreamState(ring, jnp.ones((), jnp.int32)), depth
 

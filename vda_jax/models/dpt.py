@@ -79,8 +79,9 @@ class DPTHead(nnx.Module):
         Args:
           features: four ``[B*T, ph, pw, E]`` encoder outputs, frames of a clip adjacent.
           num_frames: T.
-          cache: 16 arrays (per temporal layer, the keys and values of its two attention
-            sub-blocks) of past frames, ``[B, Tc, S, D]`` each, for streaming, or None.
+          cache: None for a clip; for streaming, 16 arrays (per temporal layer, the keys and
+            values of its two attention sub-blocks) of past frames, ``[B, Tc, S, D]`` each, or
+            ``()`` at a stream's first frame.
           frames_per_chunk: run the layers after the last temporal one (per-frame, at the
             finest resolutions) this many frames at a time (``map_frames``); None runs
             all frames at once. The result does not depend on it.
@@ -88,8 +89,8 @@ class DPTHead(nnx.Module):
             and each chunk of the per-frame end (only their inputs are kept).
           frame_sharding: how the frame axis is split over devices (see ``map_frames``).
         Returns:
-          Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU)
-          and the new frames' temporal keys and values (16 arrays ``[B, T, S, D]``).
+          Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU) and, for
+          streaming, the new frames' temporal keys and values (16 arrays ``[B, T, S, D]``; a clip: ``()``).
         """
         n, ph, pw, _ = features[0].shape
         b, t = n // num_frames, num_frames

@@ -7,11 +7,13 @@ whole layer. Hidden states are laid out ``[B, T, S, D]`` (S = spatial positions)
 
 For streaming, each attention sub-block can be given ``cached``: the keys and
 values of past frames, ``[B, Tc, S, D]`` each, projected but without position
-encoding (the cache's frames take positions ``0 .. Tc-1``, the new ones follow).
-Only the new frames are projected and queried; every call returns its new frames'
-keys and values (``[B, T, S, D]`` each) so the caller can extend its cache. Both
-encodings commute with the cache: RoPE rotates keys after projection, and the
-projections have no bias, so ``to_k(x + pe) = to_k(x) + to_k(pe)`` for APE.
+encoding (the cache's frames take positions ``0 .. Tc-1``, the new ones follow),
+or ``()`` for a stream's first frame. Only the new frames are projected and
+queried; a streaming call returns its new frames' keys and values (``[B, T, S, D]``
+each) so the caller can extend its cache; a clip (``cached=None``) returns none
+and projects nothing for them. Both encodings commute with the cache: RoPE rotates
+keys after projection, and the projections have no bias, so
+``to_k(x + pe) = to_k(x) + to_k(pe)`` for APE.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ _LAYER_NORM_EPS = 1e-5
 _NUM_GROUPS = 32
 _FF_MULT = 4
 
-Cache = tuple[jax.Array, ...]
-KeysValues = tuple[jax.Array, jax.Array]
+Cache = tuple[jax.Array, ...]  # () at a stream's first frame
+KeysValues = tuple[jax.Array, jax.Array] | tuple[()]
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -104,23 +106,24 @@ class TemporalAttention(nnx.Module):
 
         Args:
           x: ``[B, T, S, D]`` normed hidden states of the frames to query.
-          cached: past frames' (keys, values), ``[B, Tc, S, D]`` each, as returned here, or None.
+          cached: None for a clip; for a stream, past frames' (keys, values), ``[B, Tc, S, D]``
+            each, as returned here, or ``()`` at its first frame.
         Returns:
-          ``[B, T, S, D]`` and the (keys, values) of ``x``'s frames, ``[B, T, S, D]`` each.
+          ``[B, T, S, D]`` and, for a stream, the (keys, values) of ``x``'s frames,
+          ``[B, T, S, D]`` each (a clip: ``()``).
         """
-        num_cached = 0 if cached is None else cached[0].shape[1]
+        num_cached = cached[0].shape[1] if cached else 0
         length = num_cached + x.shape[1]
         pe = self._position_table(length, x.dtype)
-        new_k, new_v = self.to_k(x), self.to_v(x)
-        if cached is None and pe is not None:
-            # The clip path projects the encoded inputs (the new keys and values above serve
-            # only a cache and are removed as dead code when unused).
+        if not cached and pe is not None:  # a clip, or a stream's first frames: project the encoded inputs
             frames = x + pe[:, None, :]
             q, k, v = self.to_q(frames), self.to_k(frames), self.to_v(frames)
+            new = () if cached is None else (self.to_k(x), self.to_v(x))
         else:
             q = self.to_q(x if pe is None else x + pe[num_cached:, None, :])
-            k, v = new_k, new_v
-            if cached is not None:
+            k, v = self.to_k(x), self.to_v(x)
+            new = () if cached is None else (k, v)
+            if cached:
                 k = jnp.concatenate([cached[0].astype(x.dtype), k], axis=1)
                 v = jnp.concatenate([cached[1].astype(x.dtype), v], axis=1)
             if pe is not None:  # no bias: to_k(x + pe) = to_k(x) + to_k(pe)
@@ -129,7 +132,7 @@ class TemporalAttention(nnx.Module):
         if self.pe_type == "rope":
             q = apply_rope(q, jnp.arange(num_cached, length))
             k = apply_rope(k, jnp.arange(length))
-        return self.to_out(attend_over_time(q, k, v, self.heads)), (new_k, new_v)
+        return self.to_out(attend_over_time(q, k, v, self.heads)), new
 
     def _position_table(self, length: int, dtype: Dtype) -> jax.Array | None:
         """The APE rows of positions ``0 .. length-1``, ``[length, D]``; None for RoPE."""
@@ -179,11 +182,11 @@ class TemporalModule(nnx.Module):
 
         Args:
           x: ``[B, T, H, W, C]`` feature maps of a clip (or of the new frames when streaming).
-          cache: keys and values of past frames per attention sub-block
-            (``k_0, v_0, k_1, v_1``, ``[B, Tc, H*W, D]`` each), or None.
+          cache: None for a clip; for a stream, keys and values of past frames per attention
+            sub-block (``k_0, v_0, k_1, v_1``, ``[B, Tc, H*W, D]`` each), or ``()`` at its first frame.
         Returns:
-          ``[B, T, H, W, C]`` and the new frames' keys and values in the same layout
-          (``[B, T, H*W, D]`` each).
+          ``[B, T, H, W, C]`` and, for a stream, the new frames' keys and values in the same
+          layout (``[B, T, H*W, D]`` each; a clip: ``()``).
         """
         b, t, h, w, c = x.shape
         hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b * t, h * w, c)

@@ -83,7 +83,7 @@ class VideoDepthAnything(nnx.Module):
                remat: bool = False) -> tuple[jax.Array, Cache]:
         """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal keys/values.
 
-        ``frames_per_chunk`` and ``remat`` are ``DPTHead``'s.
+        ``cache``, ``frames_per_chunk`` and ``remat`` are ``DPTHead``'s (``cache=()`` starts a stream).
         """
         with self._precision():
             depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk, remat, self.frame_sharding)

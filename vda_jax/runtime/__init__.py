@@ -2,6 +2,7 @@
 
 ``video.video_depth`` runs the official long-video algorithm around an exported
 clip model and ``video.stream_depth`` the streaming loop around an exported
-streaming model; ``model.load`` opens either from its ``.onnx`` and ``.json``.
+streaming model; ``model.ExportedModel`` opens either from its ``.onnx`` and ``.onnx.json``
+(``metadata``).
 Nothing here (or in the modules it imports) may import JAX.
 """

@@ -1,33 +1,30 @@
-"""Opening an exported ONNX model (``MODEL.onnx`` + ``MODEL.json``) in onnxruntime."""
+"""Opening an exported ONNX model (``MODEL.onnx`` + ``MODEL.onnx.json``) in onnxruntime."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from vda_jax.inference import schedule
 from vda_jax.inference.sizing import network_size
 from vda_jax.runtime import video
-
-EXPORT_FORMAT = "vda-jax-export"
+from vda_jax.runtime.metadata import read_metadata
 
 
 class ExportedModel:
     """An exported clip or streaming model: ``model(*inputs)`` runs it, inputs in the JSON's order."""
 
     def __init__(self, path: str, providers: list[str] | None = None):
-        meta_path = os.path.splitext(path)[0] + ".json"
-        if not os.path.isfile(path) or not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path}: expected the model and its {os.path.basename(meta_path)} beside it "
-                                    "(write both with `vda-jax export`)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != EXPORT_FORMAT or self.meta.get("artifact") != "onnx":
-            raise ValueError(f"{meta_path} does not describe a vda-jax ONNX export")
-        import onnxruntime as ort  # here, so that importing this module needs no onnxruntime
+        self.path = path
+        self.meta = read_metadata(path, "onnx")
+        try:
+            import onnxruntime as ort  # here, so that importing this module needs no onnxruntime
+        except ImportError as e:
+            raise ValueError(f"running an ONNX model needs onnxruntime ({e}); install it with "
+                             "pip install 'vda-jax[onnx]'") from e
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # no warnings about initializers the graph optimiser removes
@@ -49,6 +46,24 @@ class ExportedModel:
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, dict(zip(self.input_names, inputs)))
 
+    def check_video_options(self, *, streaming: bool = False, precision: str | None = None) -> None:
+        """Refuses what the long-video runtime cannot do with this model, before any video is read.
+
+        The model's kind and precision are fixed at export: ``--streaming`` needs a streaming
+        export, ``--precision`` must be the exported one; a clip model must take 32-frame windows.
+        """
+        name = os.path.basename(self.path)
+        if streaming and not self.streaming:
+            raise ValueError(f"--streaming needs a streaming export, and {name} is a clip model; export one with "
+                             "`vda-jax export CHECKPOINT OUT.onnx --streaming`, or drop --streaming")
+        if precision is not None and precision != self.meta["precision"]:
+            raise ValueError(f"--precision {precision}: {name} computes in {self.meta['precision']}, as exported; "
+                             "drop --precision")
+        frames = None if self.streaming else self.meta["window"]["frames"]
+        if frames not in (None, schedule.WINDOW_FRAMES):
+            raise ValueError(f"{name} takes clips of {frames} frames, but the long-video algorithm runs "
+                             f"{schedule.WINDOW_FRAMES}-frame windows; export it again without --frames")
+
     def check_frame_size(self, frame_size: tuple[int, int], input_size: int | None = None) -> None:
         """Refuses frames whose official network size differs from the one the model was exported for."""
         input_size = input_size or self.meta["input_size"]
@@ -61,6 +76,7 @@ class ExportedModel:
 
     def depth(self, frames: Iterable[np.ndarray], input_size: int | None = None) -> Iterator[np.ndarray]:
         """Depth of a video's uint8 RGB frames, ``[n, H, W]`` chunks in order (one frame each when streaming)."""
+        self.check_video_options()
         iterator = iter(frames)
         first = next(iterator, None)
         if first is None:

@@ -20,6 +20,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from vda_jax import logs
+
+# Orbax warns at each checkpoint saved without metrics when a best_fn is set; ours are saved between
+# evaluations on purpose (the preservation policy keeps the best among the evaluated ones).
+logs.drop("absl", "Requested `tracked_metric`; did not provide metrics.")
+
 # Each replicated array is written by one device: orbax's default on CPU splits it into a
 # slice per replica, which costs an eager slice per shard and replica at every save.
 _REGISTRY = ocp.type_handlers.create_type_handler_registry(
@@ -71,6 +77,11 @@ class Checkpoints:
             item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_REGISTRY),
                            "data": ocp.JsonCheckpointHandler()},
         )
+
+    @staticmethod
+    def exist(directory: str) -> bool:
+        """Whether ``directory`` holds a checkpoint (without opening a manager, which would create the folder)."""
+        return os.path.isdir(directory) and bool(ocp.utils.checkpoint_steps(directory))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -19,8 +19,11 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from vda_jax.checkpoint import FORMAT as MODEL_FORMAT
 from vda_jax.config import ENCODERS, ModelConfig, model_config
-from vda_jax.data.pipeline import DataConfig
+from vda_jax.data.builders import SyntheticConfig
+from vda_jax.data.layouts import SPLITS
+from vda_jax.data.pipeline import DataConfig, clip_index
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.precision import check_precision
 from vda_jax.pretrained import PRETRAINED
@@ -185,13 +188,12 @@ def validate(config: config_dict.ConfigDict) -> None:
       ValueError: naming the first invalid value.
     """
     c = config
-    for key, low in (("eval.every", 0), ("eval.max_batches", 0), ("checkpoint.keep", 1)):
-        if _get(c, key) < low:
-            raise ValueError(f"{key} must be >= {low}, got {_get(c, key)}")
+    for key, ok, rule in _RANGES:
+        value = _get(c, key)
+        if value is not None and not ok(value):
+            raise ValueError(f"{key} must be {rule}, got {value!r}")
     if c.checkpoint.best_mode not in ("min", "max"):
         raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {c.checkpoint.best_mode!r}")
-    if c.frames_per_chunk < 0:
-        raise ValueError(f"frames_per_chunk must be >= 0 (0: all frames at once), got {c.frames_per_chunk}")
     check_precision(c.precision)
     learning_rates(c.optimizer, c.total_steps)  # checks the warm-up against total_steps
     model = model_config_from(c.model)
@@ -207,6 +209,57 @@ def validate(config: config_dict.ConfigDict) -> None:
     if c.data.clip_frames > model.num_frames:
         raise ValueError(f"data.clip_frames {c.data.clip_frames} exceeds model.num_frames {model.num_frames}")
     DataConfig(**c.data.to_dict(), batch_size=c.batch_size, image_batch_size=c.image_batch_size, seed=c.seed)
+    if c.synthetic is not None:
+        _check_synthetic(c)
+
+
+# (key, test, the rule in words), checked in this order; None passes (an unset optional value).
+_RANGES = (
+    ("total_steps", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("image_batch_size", lambda v: v >= 1, ">= 1"),
+    ("frames_per_chunk", lambda v: v >= 0, ">= 0 (0: all frames at once)"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("optimizer.lr", lambda v: v > 0, "> 0"),
+    ("optimizer.temporal_lr", lambda v: v >= 0, ">= 0 (None: optimizer.lr)"),
+    ("optimizer.encoder_lr", lambda v: v >= 0, ">= 0"),
+    ("optimizer.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optimizer.end_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.eps", lambda v: v > 0, "> 0"),
+    ("optimizer.clip_norm", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("loss.alpha", lambda v: v >= 0, ">= 0"),
+    ("loss.scales", lambda v: v >= 1, ">= 1"),
+    ("loss.trim", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.stable_scale", lambda v: v >= 0, ">= 0"),
+    ("loss.clip_groups", lambda v: v >= 1, ">= 1"),
+    ("eval.every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("eval.max_batches", lambda v: v >= 0, ">= 0 (0: the whole split)"),
+    ("checkpoint.every", lambda v: v >= 1, ">= 1"),
+    ("checkpoint.keep", lambda v: v >= 1, ">= 1"),
+)
+
+
+def _check_synthetic(c: config_dict.ConfigDict) -> None:
+    """The synthetic data must be the training set and give a batch to every split used, before it is rendered."""
+    fields = c.synthetic.to_dict()
+    name = fields.pop("name", None)
+    if c.data.video_dataset != f"vda_synthetic/{name}":
+        raise ValueError(f"synthetic.name {name!r} and data.video_dataset {c.data.video_dataset!r} disagree; set "
+                         f"data.video_dataset='vda_synthetic/{name}'")
+    synthetic = SyntheticConfig(name=name, **fields)
+    videos = dict(zip(SPLITS, synthetic.num_videos))
+    per_video = len(clip_index([synthetic.num_frames], c.data.clip_frames, c.data.clip_stride, c.data.clip_hop))
+    uses = {c.data.video_split: "training", **({c.eval.split: "evaluation"} if c.eval.every else {})}
+    for split, use in uses.items():
+        clips = videos.get(split, 0) * per_video
+        if clips < c.batch_size:
+            raise ValueError(f"the synthetic {split!r} split ({use}) would hold {clips} clips of {c.data.clip_frames} "
+                             f"frames, fewer than one batch of {c.batch_size}; render more videos "
+                             f"(synthetic.num_videos, per train/validation/test split) or lower batch_size"
+                             + ("" if use == "training" else ", or evaluate never (eval.every=0)"))
 
 
 # Settings a run cannot change when it resumes: the parameters and optimizer state in the
@@ -242,6 +295,28 @@ def resume_changes(previous_json: str, config: config_dict.ConfigDict) -> list[s
     return lines
 
 
+def workdir_changes(workdir: str, config: config_dict.ConfigDict) -> list[str]:
+    """``resume_changes`` against the config ``workdir``'s run started with (none for a new workdir).
+
+    Raises:
+      ValueError: ``workdir`` is a model directory, or the run cannot resume with ``config``.
+    """
+    previous = os.path.join(workdir, "config.json")
+    if not os.path.isfile(previous):
+        return []
+    with open(previous) as f:
+        text = f.read()
+    try:
+        ours = json.loads(text).get("format") == MODEL_FORMAT
+    except (ValueError, AttributeError):
+        raise ValueError(f"--workdir {workdir} holds a config.json that is not a training config; choose another "
+                         "--workdir") from None
+    if ours:
+        raise ValueError(f"--workdir {workdir} is a model directory, not a training workdir; choose a new --workdir "
+                         f"(to start from this model: init_from={workdir})")
+    return resume_changes(text, config)
+
+
 def _get(config: config_dict.ConfigDict, key: str) -> Any:
     for part in key.split("."):
         config = config[part]
@@ -272,12 +347,12 @@ def _unknown_key(config: config_dict.ConfigDict, key: str) -> ValueError:
 def _parse(key: str, text: str, current: Any) -> Any:
     """``text`` as a value of the type of ``current`` (None means any type)."""
     expected = type(current)
-    if expected is str and text != "None":
-        return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text  # an unquoted word: only valid where a string is expected
+    if expected is str and text != "None":
+        return value if isinstance(value, str) else text  # quoted or not
     if value is None and current is None:
         return None
     if isinstance(value, list):

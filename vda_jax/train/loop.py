@@ -33,14 +33,15 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 from tqdm import tqdm
 
-from vda_jax.checkpoint import count_params, save_model
+from vda_jax.checkpoint import FORMAT as MODEL_FORMAT
+from vda_jax.checkpoint import check_model_output, count_params, save_model
 from vda_jax.data import builders, pipeline
 from vda_jax.eval.metrics import depth_metrics
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
-from vda_jax.train.config import model_config_from
+from vda_jax.train.config import model_config_from, validate
 from vda_jax.train.init import initial_model
 from vda_jax.train.metrics_log import MetricsLog, write_atomic
 from vda_jax.train.optimizer import learning_rates, make_optimizer
@@ -74,9 +75,12 @@ class Trainer:
     def __init__(self, config: config_dict.ConfigDict, workdir: str):
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        if config.total_steps < 1 or config.log_every < 1 or config.checkpoint.every < 1:
-            raise ValueError("total_steps, log_every and checkpoint.every must be >= 1")
+        validate(config)
         self.model_config = model_config_from(config.model)
+        checkpoint_dir = os.path.join(self.workdir, "checkpoints")
+        # A first start reads its initial weights before the data: a wrong init_from fails before any is rendered.
+        initial = None if Checkpoints.exist(checkpoint_dir) else initial_model(
+            self.model_config, config.init_from, seed=config.seed, dtype=compute_dtype(config.precision))
         self.mesh = sharding.make_mesh(**config.mesh)
         # This process reads its rows of every global batch: the block its devices hold.
         self._shard = grain.sharding.ShardOptions(*sharding.process_rows(self.mesh))
@@ -89,14 +93,16 @@ class Trainer:
                                              self.data_config.data_dir)[1] if config.eval.every else {}
         self._check_best_metric()
         self.train_data = iter(pipeline.make_dataset(self.data_config, self._shard))
+        if config.eval.every:  # refuses a validation split of less than a batch now, not after training
+            pipeline.make_dataset(self._eval_data_config(), self._shard)
 
         tx = make_optimizer(config.optimizer, config.total_steps, trained_groups(config.train_encoder))
         self._learning_rate = learning_rates(config.optimizer, config.total_steps)["head"]
         os.makedirs(self.workdir, exist_ok=True)
-        self.checkpoints = Checkpoints(os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep,
+        self.checkpoints = Checkpoints(checkpoint_dir, keep=config.checkpoint.keep,
                                        best_metric=config.checkpoint.best_metric,
                                        best_mode=config.checkpoint.best_mode)
-        self._graphdef = self._restore_or_initialize(tx)
+        self._graphdef = self._restore_or_initialize(tx, initial)
 
         # With sharding.split_frames, batches are frames [B*T, ...] of clips of T frames (images: T = 1).
         frames = {"video": self.data_config.clip_frames, "image": 1} if config.sharding.split_frames else {}
@@ -109,12 +115,15 @@ class Trainer:
         if jax.process_index() == 0:
             write_atomic(os.path.join(self.workdir, "config.json"), config.to_json(indent=2))
 
-    def _restore_or_initialize(self, tx: optax.GradientTransformation) -> nnx.GraphDef:
-        """Sets ``state``, ``step`` and ``shardings`` from the latest checkpoint or ``init_from``."""
+    def _restore_or_initialize(self, tx: optax.GradientTransformation,
+                               initial: VideoDepthAnything | None) -> nnx.GraphDef:
+        """Sets ``state``, ``step`` and ``shardings`` from the latest checkpoint, or from ``initial``
+        (the model of ``init_from``) when there is none."""
         c = self.config
-        latest = self.checkpoints.latest_step()
+        latest = None if initial is not None else self.checkpoints.latest_step()
         if latest is None:
-            model = initial_model(self.model_config, c.init_from, seed=c.seed, dtype=compute_dtype(c.precision))
+            model = initial if initial is not None else initial_model(
+                self.model_config, c.init_from, seed=c.seed, dtype=compute_dtype(c.precision))
         else:
             model = nnx.eval_shape(lambda: VideoDepthAnything(self.model_config, rngs=nnx.Rngs(0)))
         model = training_model(model, c.precision, self.mesh)
@@ -152,9 +161,6 @@ class Trainer:
     def _prepare_synthetic(self, data_dir: str) -> None:
         fields = self.config.synthetic.to_dict()
         name = fields.pop("name", None)
-        if self.config.data.video_dataset != f"vda_synthetic/{name}":
-            raise ValueError(f"synthetic.name {name!r} and data.video_dataset {self.config.data.video_dataset!r} "
-                             f"disagree; set data.video_dataset='vda_synthetic/{name}'")
         if jax.process_index() == 0:
             builders.prepare(builders.VdaSynthetic, data_dir, config=builders.SyntheticConfig(name=name, **fields))
         if jax.process_count() > 1:
@@ -262,11 +268,15 @@ class Trainer:
         save_model(self.model, path, overwrite=True, metadata={"trained_steps": self.step})
         self._print(f"done: step {self.step}; model saved to {path}")
 
+    def _eval_data_config(self) -> pipeline.DataConfig:
+        """One pass over the validation split, unaugmented."""
+        return dataclasses.replace(self.data_config, video_split=self.config.eval.split, image_ratio=0.0,
+                                   max_scale=1.0, flip_prob=0.0, color_jitter=0.0, num_epochs=1)
+
     def evaluate(self) -> dict[str, float]:
         """Loss (and AbsRel / delta1 for metric ground truth) over the validation split."""
         c = self.config
-        data_config = dataclasses.replace(self.data_config, video_split=c.eval.split, image_ratio=0.0, max_scale=1.0,
-                                          flip_prob=0.0, color_jitter=0.0, num_epochs=1)
+        data_config = self._eval_data_config()
         metric = _metric_depth(self._val_meta, c.eval.split)
         max_depth = self._val_meta.get("max_depth") or np.inf
         totals: dict[str, float] = {}
@@ -330,7 +340,16 @@ def model_from_checkpoint(workdir: str, output_dir: str, *, step: str | int = "b
     if not os.path.isfile(config_path):
         raise ValueError(f"{workdir} is not a training workdir: it has no config.json")
     with open(config_path) as f:
-        config = config_dict.ConfigDict(json.load(f))
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "checkpoint" not in config:
+        ours = isinstance(config, dict) and config.get("format") == MODEL_FORMAT
+        raise ValueError(f"{workdir} is " + ("a model directory already; use it as it is (e.g. --checkpoint "
+                                             f"{workdir})" if ours else "not a training workdir"))
+    config = config_dict.ConfigDict(config)
+    check_model_output(output_dir, overwrite=overwrite)  # before the restore
     c = config.checkpoint
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=c.keep, best_metric=c.best_metric,
                               best_mode=c.best_mode)

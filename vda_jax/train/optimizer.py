@@ -46,8 +46,8 @@ def learning_rates(config: config_dict.ConfigDict, total_steps: int) -> dict[str
       total_steps: length of the schedule (warm-up included).
     """
     if not 0 <= config.warmup_steps < total_steps:
-        raise ValueError(f"optimizer.warmup_steps must be in [0, total_steps={total_steps}), "
-                         f"got {config.warmup_steps}")
+        raise ValueError(f"optimizer.warmup_steps {config.warmup_steps} must be in [0, total_steps {total_steps}); "
+                         f"shorten the warm-up too, e.g. optimizer.warmup_steps={total_steps // 10}")
     peaks = {"head": config.lr, "encoder": config.encoder_lr,
              "temporal": config.lr if config.temporal_lr is None else config.temporal_lr}
     return {group: optax.warmup_cosine_decay_schedule(0.0, peak, config.warmup_steps, total_steps,
