@@ -184,14 +184,14 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys, fixtur
     workdir.mkdir()
     (workdir / "config.json").write_text(load_config("synthetic_tiny").to_json())
     for init_from, message in [
-            ("/nonexistent", "init_from '/nonexistent' does not exist; give a vda-jax model directory or an official "
-                             ".pth / .safetensors file"),
+            ("/nonexistent", "init_from '/nonexistent' does not exist; give a vda-jax model directory, an official "
+                             ".pth / .safetensors file or the name of one (vits, vitb, vitl, metric-vits, "),
             (workdir, f"{workdir} is a training workdir, not a model directory; its model is written when training "
                       f"ends, or now by `vda-jax checkpoint-to-model {workdir} OUT`"),
             (tmp_path / "some.json", f"{tmp_path / 'some.json'}: not a checkpoint (expected a PyTorch .pth zip "
                                      "archive or a safetensors file)")]:
-        assert train("--config", "synthetic_tiny", f"init_from='{init_from}'") == (1, f"vda-jax train: error: "
-                                                                                     f"{message}\n")
+        code, err = train("--config", "synthetic_tiny", f"init_from='{init_from}'")
+        assert code == 1 and err.startswith(f"vda-jax train: error: {message}") and err.count("\n") == 1, err
     # A checkpoint of another architecture is matched before the data is rendered ("Downloading": train()).
     code, err = train("--config", "synthetic_tiny", f"init_from='{fixtures / 'tiny.pth'}'")
     assert code == 1 and err.startswith("vda-jax train: error: checkpoint does not match the model architecture; ")

@@ -132,7 +132,8 @@ def test_pth_without_tensors(tmp_path):
 
 
 def test_missing_and_unknown_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(readers.CheckpointError, match=r"absent\.pth does not exist; give the official \.pth or "
+                                                     r"\.safetensors file"):
         readers.read_checkpoint(tmp_path / "absent.pth")
     (tmp_path / "notes.pth").write_text("just some text, not weights\n")
     with pytest.raises(readers.CheckpointError, match=r"notes\.pth: not a checkpoint"):
