@@ -10,9 +10,14 @@ import pathlib
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Other flags (e.g. --xla_cpu_max_isa) are kept.
-os.environ["XLA_FLAGS"] = " ".join([*os.environ.get("XLA_FLAGS", "").split(),
-                                    "--xla_force_host_platform_device_count=8"])
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+# Flags given from outside (e.g. --xla_cpu_max_isa) are kept. LLVM's optimisation passes are off:
+# a third less compile time, which is most of the suite's; the programs and their results are
+# the same up to float rounding, which every comparison's tolerance covers (as across CPUs).
+_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
+if not any(f.startswith("--xla_backend_optimization_level") for f in _FLAGS):
+    _FLAGS.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join([*_FLAGS, f"{_DEVICE_COUNT}=8"])
 # Compiled programs are shared within a test session, not with the user's cache.
 os.environ.setdefault("VDA_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="vda-jax-xla-"))
 
@@ -34,6 +39,17 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("aot")]
+
+
+@pytest.fixture(scope="session")
+def child_env():
+    """``child_env(devices, **variables)``: the environment of a child process with ``devices`` CPU devices
+    and this session's other XLA flags."""
+
+    def env(devices: int, **variables: str) -> dict[str, str]:
+        return {**os.environ, "XLA_FLAGS": " ".join([*_FLAGS, f"{_DEVICE_COUNT}={devices}"]), **variables}
+
+    return env
 
 
 @pytest.fixture(scope="session")

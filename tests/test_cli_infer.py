@@ -204,7 +204,8 @@ def _processes_naming(text: str) -> list[str]:
 
 @pytest.mark.parametrize("signum, message", [(signal.SIGINT, "vda-jax: interrupted"),
                                              (signal.SIGTERM, "vda-jax: stopped by SIGTERM")])
-def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_dir, tmp_path, signum, message):
+def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_dir, tmp_path, signum, message,
+                                                                    child_env):
     """A stop signal while the first window compiles, with the decoder and the encoder running (SIGTERM, as
     `timeout` or a cluster sends it, to the main process alone)."""
     video = tmp_path / "long.mp4"
@@ -212,8 +213,7 @@ def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_d
     _write_video(video, np.stack([np.uint8(128 + 100 * np.sin((x + 2 * t) / 6 + y / 9))[..., None].repeat(3, -1)
                                   for t in range(200)]))
     out = tmp_path / "out"
-    env = {**os.environ, "VDA_JAX_CACHE_DIR": str(tmp_path / "cache"),  # an empty cache: the window compiles
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = child_env(1, VDA_JAX_CACHE_DIR=str(tmp_path / "cache"))  # an empty cache: the window compiles
     process = subprocess.Popen([sys.executable, "-m", "vda_jax.cli", "infer", str(video), "--checkpoint",
                                 str(tiny_model_dir), "--output-dir", str(out), "--input-size", "28", "--save-npz",
                                 "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -319,13 +319,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(args: list[str]) -> list[tuple[int, str, str]]:
+def _run_two_processes(args: list[str], child_env) -> list[tuple[int, str, str]]:
     """Runs `vda-jax ARGS` as 2 processes (a coordinator on 127.0.0.1, 2 CPU devices each); (code, out, err) each."""
     port = _free_port()
     processes = [subprocess.Popen(
         [sys.executable, "-m", "vda_jax.cli", *args],
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
-             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_PROCESS_ID": str(i)},
+        env=child_env(2, JAX_NUM_PROCESSES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_PROCESS_ID=str(i)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         results = [p.communicate(timeout=120) for p in processes]
@@ -335,7 +334,7 @@ def _run_two_processes(args: list[str]) -> list[tuple[int, str, str]]:
             p.kill()
 
 
-def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
+def test_two_processes_split_the_videos(tiny_model_dir, tmp_path, child_env):
     """Every output once, equal to a 1-process run's; a re-run skips them, and a failure on one process
     does not hold up the other."""
     inputs = tmp_path / "videos"
@@ -347,7 +346,8 @@ def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
     out, single = tmp_path / "out", tmp_path / "single"
     args = ["infer", "--checkpoint", str(tiny_model_dir), "--input-size", "28", "--save-npz", "--quiet"]
     assert cli.main([*args, str(inputs), "--output-dir", str(single)]) == 0
-    for i, (code, stdout, stderr) in enumerate(_run_two_processes([*args, str(inputs), "--output-dir", str(out)])):
+    runs = _run_two_processes([*args, str(inputs), "--output-dir", str(out)], child_env)
+    for i, (code, stdout, stderr) in enumerate(runs):
         assert code == 0, stderr
         assert stdout.strip() == f"process {i} of 2: 2 of 2 videos written to {out}", stderr
     assert sorted(os.listdir(out)) == sorted(os.listdir(single)) and len(os.listdir(out)) == 12
@@ -358,6 +358,6 @@ def test_two_processes_split_the_videos(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken.mp4"  # sorts first: process 0's
     broken.write_bytes(b"")
     (code0, stdout0, _), (code1, stdout1, stderr1) = _run_two_processes(
-        [*args, str(inputs), str(broken), "--output-dir", str(out)])
+        [*args, str(inputs), str(broken), "--output-dir", str(out)], child_env)
     assert (code0, stdout0.strip()) == (1, f"process 0 of 2: 0 of 3 videos written to {out}; 2 done before; 1 failed")
     assert (code1, stdout1.strip()) == (0, f"process 1 of 2: 0 of 2 videos written to {out}; 2 done before"), stderr1

@@ -225,9 +225,9 @@ def test_cli_demo_refuses_an_address_it_cannot_serve_before_loading_the_model(mo
             assert capsys.readouterr().err == f"vda-jax demo: error: {message}\n"
 
 
-def test_sigterm_stops_the_demo_and_removes_its_folders(tmp_path):
+def test_sigterm_stops_the_demo_and_removes_its_folders(tmp_path, child_env):
     """SIGTERM (`timeout`, SLURM, Kubernetes) as Ctrl-C: exit 143, no temporary folder left."""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = child_env(1, TMPDIR=str(tmp_path))
     process = subprocess.Popen([sys.executable, "-m", "vda_jax.cli", "demo", "--port", str(_free_port())], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -4,6 +4,7 @@ One job is N local processes of ``vda-jax train`` with the launcher's environmen
 each with ``devices / N`` CPU devices, so a run has the same mesh whatever N is.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -21,12 +22,13 @@ from vda_jax import cli
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.train.checkpoints import flat_arrays
 
-# The README's tiny config at test size: 4 clips x 4 frames x 28x42 per step, 8 steps.
-TRAIN = ["--config", "configs/train/synthetic_tiny.py", "synthetic.height=32", "synthetic.width=48",
-         "synthetic.num_frames=8", "synthetic.num_videos=(6,2,0)", "data.clip_frames=4", "data.clip_hop=2",
-         "data.crop_size=(28,42)", "batch_size=4", "sharding.min_fsdp_size=0", "optimizer.warmup_steps=2",
-         "checkpoint.every=2", "eval.max_batches=1", "log_every=1", "progress_bar=False", "data.read_threads=1",
-         "data.prefetch_batches=1"]
+# The README's tiny config at test size: 4 clips x 4 frames x 28x42 per step, 8 steps; the encoder
+# frozen (as the paper trains), which compiles a smaller step.
+TRAIN = ["--config", "configs/train/synthetic_tiny.py", "train_encoder=False", "synthetic.height=32",
+         "synthetic.width=48", "synthetic.num_frames=8", "synthetic.num_videos=(6,2,0)", "data.clip_frames=4",
+         "data.clip_hop=2", "data.crop_size=(28,42)", "batch_size=4", "sharding.min_fsdp_size=0",
+         "optimizer.warmup_steps=2", "checkpoint.every=2", "eval.max_batches=1", "log_every=1", "progress_bar=False",
+         "data.read_threads=1", "data.prefetch_batches=1"]
 MESH_2X2X2 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 # Two devices: every cross-device sum has two terms, so gloo and the in-process collectives add
 # in the same order. (On 2x2x2 the four-term sums of the two round differently by ~1e-7, which 8
@@ -42,14 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, workdir, *overrides: str, devices: int = 2, extra=None,
-           cache_dir=None) -> list[subprocess.Popen]:
-    """Starts a ``vda-jax train`` job of ``processes`` local processes (``extra[i]``: more overrides for i)."""
+def launch(job_env, processes: int, workdir, *overrides: str, devices: int = 2,
+           extra=None) -> list[subprocess.Popen]:
+    """Starts a ``vda-jax train`` job of ``processes`` local processes (``extra[i]``: more overrides for i);
+    ``job_env(devices, **variables)`` gives a process's environment."""
     port = free_port()
     jobs = []
     for i in range(processes):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
-               "VDA_JAX_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+        env = job_env(devices // processes, PYTHONUNBUFFERED="1")
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                        JAX_PROCESS_ID=str(i))
@@ -74,8 +76,8 @@ def finish(jobs: list[subprocess.Popen], timeout: float = TIMEOUT_S) -> tuple[li
     return [job.returncode for job in jobs], outputs
 
 
-def run(processes: int, workdir, *overrides: str, devices: int = 2, cache_dir=None) -> None:
-    codes, outputs = finish(launch(processes, workdir, *overrides, devices=devices, cache_dir=cache_dir))
+def run(job_env, processes: int, workdir, *overrides: str, devices: int = 2) -> None:
+    codes, outputs = finish(launch(job_env, processes, workdir, *overrides, devices=devices))
     assert codes == [0] * processes, "\n".join(outputs)
 
 
@@ -89,15 +91,16 @@ def losses(workdir) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
+def job_env(tmp_path_factory, child_env):
+    """A job process's environment: its CPU devices, and a compilation cache the module's jobs share."""
+    return functools.partial(child_env, VDA_JAX_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")))
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, cache_dir):
+def two_process_run(tmp_path_factory, job_env):
     """The 8-step run on 2 processes x 4 devices (2x2x2): checkpoints at 2..8, evaluation and export at 8."""
     workdir = tmp_path_factory.mktemp("two") / "run"
-    run(2, workdir, *MESH_2X2X2, "total_steps=8", "eval.every=8", devices=8, cache_dir=cache_dir)
+    run(job_env, 2, workdir, *MESH_2X2X2, "total_steps=8", "eval.every=8", devices=8)
     return workdir
 
 
@@ -131,27 +134,26 @@ def test_two_processes_train_evaluate_and_export(two_process_run, tmp_path, caps
     assert not os.path.exists(tmp_path / "s3")
 
 
-def test_same_losses_on_one_process_and_resume_across_topologies(tmp_path, cache_dir):
-    run(2, tmp_path / "two", *MESH_2, "total_steps=8", "eval.every=0", cache_dir=cache_dir)
+def test_same_losses_on_one_process_and_resume_across_topologies(tmp_path, job_env):
+    run(job_env, 2, tmp_path / "two", *MESH_2, "total_steps=8", "eval.every=0")
     expected = losses(tmp_path / "two")
     # The same global batches and mesh on 1 process x 2 devices: the same losses.
-    run(1, tmp_path / "one", *MESH_2, "total_steps=8", "eval.every=0", cache_dir=cache_dir)
+    run(job_env, 1, tmp_path / "one", *MESH_2, "total_steps=8", "eval.every=0")
     np.testing.assert_allclose([losses(tmp_path / "one")[s] for s in range(1, 9)],
                                [expected[s] for s in range(1, 9)], rtol=1e-5)
 
     # The 2-process checkpoint of step 4 resumed on 1 process: the same batches, so the same losses.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two" / "checkpoints" / "4", resumed / "checkpoints" / "4")
-    run(1, resumed, *MESH_2, "total_steps=8", "eval.every=0", cache_dir=cache_dir)
+    run(job_env, 1, resumed, *MESH_2, "total_steps=8", "eval.every=0")
     again = losses(resumed)
     assert sorted(again) == [5, 6, 7, 8]
     np.testing.assert_allclose([again[s] for s in again], [expected[s] for s in again], rtol=1e-5)
 
 
-def test_sigterm_on_one_process_checkpoints_and_stops_both(tmp_path, cache_dir):
+def test_sigterm_on_one_process_checkpoints_and_stops_both(tmp_path, job_env):
     workdir = tmp_path / "run"
-    jobs = launch(2, workdir, *MESH_2, "total_steps=10000", "eval.every=0", "checkpoint.every=10000",
-                  cache_dir=cache_dir)
+    jobs = launch(job_env, 2, workdir, *MESH_2, "total_steps=10000", "eval.every=0", "checkpoint.every=10000")
     deadline = time.monotonic() + TIMEOUT_S
     while not os.path.exists(workdir / "metrics.jsonl") or len(losses(workdir)) < 2:
         assert time.monotonic() < deadline and all(j.poll() is None for j in jobs), "the job stopped early"
@@ -164,13 +166,13 @@ def test_sigterm_on_one_process_checkpoints_and_stops_both(tmp_path, cache_dir):
     assert "stopped by SIGTERM" in outputs[1] and "run the same command to resume" in outputs[0]
 
 
-def test_failure_on_one_process_stops_both(tmp_path, cache_dir):
+def test_failure_on_one_process_stops_both(tmp_path, job_env):
     # Process 1 reads its data from a folder that holds no dataset; process 0 would wait for it.
     empty = tmp_path / "empty"
     empty.mkdir()
     start = time.monotonic()
-    codes, outputs = finish(launch(2, tmp_path / "run", *MESH_2, "total_steps=8",
-                                   extra={1: [f"data.data_dir={empty}"]}, cache_dir=cache_dir), timeout=120)
+    codes, outputs = finish(launch(job_env, 2, tmp_path / "run", *MESH_2, "total_steps=8",
+                                   extra={1: [f"data.data_dir={empty}"]}), timeout=120)
     assert codes == [1, 1], "\n".join(outputs)
     assert time.monotonic() - start < 60 + 30  # 60 s after the failure, plus the start-up
     assert "is not built in" in outputs[1]

@@ -1,11 +1,8 @@
-"""The train step's layout on meshes the suite's 8 devices do not fix, each in a subprocess.
+"""Frames split over 16 devices (one 16-frame clip) train like one device: a subprocess with 16 CPU devices.
 
-* No ``[SPMD] Involuntary full rematerialization`` (XLA giving up on a layout and
-  replicating a tensor) when compiling the step on 2x2x2, 4x2x1 and 1x8x1 meshes.
-* Frames split over 16 devices (one 16-frame clip) train like one device.
+(The layouts of the train step on 8-device meshes are checked in ``test_train_step.py``.)
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -35,20 +32,6 @@ def setup(model, mesh_shape):
     mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
     graphdef, abstract = abstract_train_state(model, TX, train_encoder=False)
     return mesh, graphdef, abstract, sharding.state_shardings(abstract, mesh, sharding.TENSOR_RULES)
-"""
-
-_NO_INVOLUNTARY_REMAT = """
-model = nnx.eval_shape(lambda: VideoDepthAnything(CONFIG, rngs=nnx.Rngs(0)))
-shape = (8, 2, 42, 56)
-for mesh_shape in [(2, 2, 2), (4, 2, 1), (1, 8, 1)]:
-    mesh, graphdef, abstract, shardings = setup(model, mesh_shape)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    placed = sharding.batch_sharding(mesh)
-    batch = {"frames": jax.ShapeDtypeStruct((*shape, 3), jnp.uint8, sharding=placed),
-             "depth": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=placed),
-             "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=placed)}
-    jit_train_step(graphdef, StepOptions(), shardings, mesh).lower(state, batch).compile()
-    print("compiled", mesh_shape, flush=True)
 """
 
 _FRAMES_SPLIT = """
@@ -102,22 +85,11 @@ print("equal", {k: float(v) for k, v in metrics.items()})
 """
 
 
-def _run(script: str, devices: int) -> subprocess.CompletedProcess:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # keep e.g. max_isa
-    env = {**os.environ, "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(_COMMON + script)], env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
-def test_no_involuntary_rematerialization():
-    result = _run(_NO_INVOLUNTARY_REMAT, 8)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 3
-    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
-
-
-def test_frames_split_over_16_devices_train_like_one_device():
-    result = _run(_FRAMES_SPLIT, 16)
+def test_frames_split_over_16_devices_train_like_one_device(child_env):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_COMMON + _FRAMES_SPLIT)], env=child_env(16),
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "equal" in result.stdout
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]

@@ -57,12 +57,14 @@ def reference(tiny_model, batch):
     ((8, 1, 1), StepOptions()),
     ((4, 2, 1), StepOptions()),
     # Rematerialising and per-frame chunks (laid out device-major) change nothing either.
-    ((2, 4, 1), StepOptions(remat=True, frames_per_chunk=1)),
+    ((1, 8, 1), StepOptions(remat=True, frames_per_chunk=1)),
     ((2, 2, 2), StepOptions()),  # tensor parallel: heads and MLP features split, FSDP gathered at use
-], ids=["8x1", "4x2", "2x4-remat-chunks", "2x2x2"])
-def test_sharded_step_matches_one_device(tiny_model, batch, reference, mesh_shape, options):
+], ids=["8x1", "4x2", "1x8-remat-chunks", "2x2x2"])
+def test_sharded_step_matches_one_device(tiny_model, batch, reference, mesh_shape, options, capfd):
     _, expected, expected_metrics = reference
     _, updated, metrics = one_step(tiny_model, batch, mesh_shape, options)
+    # XLA kept the layouts the rules give (it logs when it must replicate a tensor instead).
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
     for name, value in expected_metrics.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
     for path, value in expected.items():
