@@ -173,9 +173,11 @@ model = (StreamingModel if {streaming!r} else VideoDepthAnything)(encoder={encod
 if not os.path.exists({weights!r}):
     torch.save(model.state_dict(), {weights!r})
 
+loaded = np.load({frames_path!r}) if {frames_path!r} else None  # in memory: read before any timing
+
 def clip():
     t0 = time.perf_counter()
-    frames, fps = read_video_frames({clip!r}, {max_len!r}, -1, 1280)
+    frames, fps = (loaded, 30.0) if loaded is not None else read_video_frames({clip!r}, {max_len!r}, -1, 1280)
     t1 = time.perf_counter()
     if {streaming!r}:
         model.transform = None; model.frame_cache_list = []; model.frame_id_list = []; model.id = -1
@@ -189,8 +191,9 @@ def clip():
         depths, fps = model.infer_video_depth(frames, fps, input_size={input_size!r}, device='cpu', fp32=True)
         latency = []
     t2 = time.perf_counter()
-    save_video(frames, os.path.join({out!r}, 'src.mp4'), fps=fps)
-    save_video(depths, os.path.join({out!r}, 'vis.mp4'), fps=fps, is_depths=True)
+    if loaded is None:
+        save_video(frames, os.path.join({out!r}, 'src.mp4'), fps=fps)
+        save_video(depths, os.path.join({out!r}, 'vis.mp4'), fps=fps, is_depths=True)
     t3 = time.perf_counter()
     return depths, dict(seconds=t3 - t0, read_s=t1 - t0, infer_s=t2 - t1, write_s=t3 - t2, frames=len(depths),
                         latency_ms=1000 * float(np.median(latency[2:])) if latency else None)
@@ -202,15 +205,18 @@ print(json.dumps(dict(first_call=first, steady=again, torch_threads=torch.get_nu
 """
 
 
-def official_clip(args, weights: str, depths_path: str) -> dict:
-    """The official pipeline on ``args.clip`` in a fresh process: first and repeated call, per stage."""
+def official_clip(args, weights: str, depths_path: str, frames_path: str | None) -> dict:
+    """The official pipeline on ``args.clip`` in a fresh process: first and repeated call, per stage.
+
+    ``frames_path``: the clip's frames (``.npy``), loaded before the timing, and no videos written.
+    """
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
         code = _TORCHVISION_STUB + _OFFICIAL_CLIP.format(
             official=os.path.abspath(args.official), encoder=args.encoder, streaming=args.streaming, weights=weights,
             clip=os.path.abspath(args.clip), max_len=args.max_len, input_size=args.input_size, out=out,
-            depths_path=depths_path)
+            depths_path=depths_path, frames_path=frames_path)
         run = subprocess.run([args.torch_python, "-c", code], capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"the official pipeline failed:\n{run.stderr[-3000:]}")
@@ -258,6 +264,7 @@ def measure_clip(args) -> dict:
     from vda_jax.convert.convert import convert_state_dict
     from vda_jax.convert.readers import read_checkpoint
 
+    from vda_jax.config import model_config
     from vda_jax.inference import files, video
     from vda_jax.io import video as io_video
 
@@ -279,12 +286,12 @@ def measure_clip(args) -> dict:
 
     def timed_collect(out, info, on_frames):
         start = time.perf_counter()
-        out.final.block_until_ready()
+        out.block_until_ready()
         stages.seconds["device_wait"] = stages.seconds.get("device_wait", 0.0) + time.perf_counter() - start
         return collect(out, info, on_frames)
 
     video._collect = timed_collect
-    model = convert_state_dict(read_checkpoint(args.weights), _model(args.encoder, "fp32").config)
+    model = convert_state_dict(read_checkpoint(args.weights), model_config(args.encoder))
     depths = []
     def clip() -> dict:
         stages.seconds.clear()
@@ -327,29 +334,77 @@ def measure_clip(args) -> dict:
     return result
 
 
+def measure_memory(args) -> dict:
+    """Ours on frames already in memory (a child process): the library call, first and repeated.
+
+    ``infer_video_depth`` (or, with ``--streaming``, ``StreamingDepth.step`` frame by frame) on
+    the frames ``args.frames_path`` holds, loaded before the timing, with the official model's
+    weights ``args.weights``.
+    """
+    from vda_jax.convert.convert import convert_state_dict
+    from vda_jax.convert.readers import read_checkpoint
+
+    import vda_jax
+    from vda_jax.config import model_config
+
+    model = convert_state_dict(read_checkpoint(args.weights), model_config(args.encoder))
+    frames = np.load(args.frames_path)
+
+    def call() -> tuple[np.ndarray, dict]:
+        start = time.perf_counter()
+        if args.streaming:
+            stream, latency, depths = vda_jax.StreamingDepth(model, args.input_size, "fp32"), [], []
+            for frame in frames:
+                t = time.perf_counter()
+                depths.append(stream.step(frame))
+                latency.append(time.perf_counter() - t)
+            depths = np.stack(depths)
+        else:
+            depths = vda_jax.infer_video_depth(model, frames, input_size=args.input_size, precision="fp32")
+        timing = {"seconds": time.perf_counter() - start, "frames": len(depths)}
+        if args.streaming:
+            timing["latency_ms"] = 1000 * float(np.median(latency[2:]))
+        return depths, timing
+
+    depths, first = call()
+    result = {"first_call": first}
+    if args.depths:
+        expected = np.load(args.depths)
+        result["max_rel_diff_vs_official"] = float(np.abs(depths - expected).max() / np.abs(expected).max())
+    result["steady"] = call()[1]
+    return result
+
+
 def clip_report(args) -> dict:
     """Ours (a cold and a warm fresh process) against the official pipeline (a fresh process) on one clip."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         weights, depths_path = os.path.join(tmp, "weights.pth"), os.path.join(tmp, "official_depths.npy")
+        frames_path = None
+        if args.in_memory:  # both sides get the same decoded frames
+            from vda_jax.io.video import read_frames
+
+            frames_path = os.path.join(tmp, "frames.npy")
+            np.save(frames_path, np.stack(list(read_frames(args.clip, max_res=1280, max_len=args.max_len))))
         report = {"clip": args.clip, "encoder": args.encoder, "input_size": args.input_size, "max_len": args.max_len,
-                  "streaming": args.streaming, "video_preset": args.video_preset,
-                  "official": official_clip(args, weights, depths_path)}
+                  "streaming": args.streaming, "in_memory": args.in_memory, "video_preset": args.video_preset,
+                  "official": official_clip(args, weights, depths_path, frames_path)}
         print(json.dumps({"official": report["official"]}), flush=True)
         env = {**os.environ, "VDA_JAX_CACHE_DIR": os.path.join(tmp, "xla")}  # empty: the first process compiles
         for run in ("cold_process", "warm_process"):
-            cmd = [sys.executable, __file__, "--only", "clip", "--clip", args.clip, "--weights", weights,
-                   "--depths", depths_path, "--encoder", args.encoder, "--input-size", str(args.input_size),
-                   "--max-len", str(args.max_len), "--video-preset", args.video_preset] + (
-                      ["--streaming"] if args.streaming else [])
+            cmd = [sys.executable, __file__, "--only", "memory" if args.in_memory else "clip", "--clip", args.clip,
+                   "--weights", weights, "--depths", depths_path, "--encoder", args.encoder,
+                   "--input-size", str(args.input_size), "--max-len", str(args.max_len),
+                   "--video-preset", args.video_preset] + (["--streaming"] if args.streaming else []) + (
+                      ["--frames-path", frames_path] if frames_path else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 raise RuntimeError(f"{run} failed:\n{out.stderr[-3000:]}")
             report[run] = json.loads(out.stdout.splitlines()[-1])
             print(json.dumps({run: report[run]}), flush=True)
     official, cold, warm = report["official"], report["cold_process"], report["warm_process"]
-    report["speedup"] = {  # the whole clip (read, infer, write); the official pipeline has nothing to compile
+    report["speedup"] = {  # the whole call (--clip: read, infer, write); the official pipeline has nothing to compile
         "first_process": official["first_call"]["seconds"] / cold["first_call"]["seconds"],
         "second_process": official["first_call"]["seconds"] / warm["first_call"]["seconds"],
         "steady": official["steady"]["seconds"] / warm["steady"]["seconds"]}
@@ -384,13 +439,17 @@ def main() -> None:
     parser.add_argument("--streaming", action="store_true", help="--clip: the streaming modes")
     parser.add_argument("--video-preset", default="veryfast", choices=X264_PRESETS,
                         help="--clip: x264 preset of our mp4s (the official's are x264's default, medium)")
-    parser.add_argument("--only", choices=("step", "video", "clip"), help=argparse.SUPPRESS)
+    parser.add_argument("--in-memory", action="store_true",
+                        help="--clip: time the library call on the clip's frames already in memory (decoded "
+                             "once, before any timing; no videos written)")
+    parser.add_argument("--only", choices=("step", "video", "clip", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--frames-path", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--depths", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.only:  # a child process of main()
-        measure = {"step": measure_step, "clip": measure_clip}.get(args.only)
+        measure = {"step": measure_step, "clip": measure_clip, "memory": measure_memory}.get(args.only)
         print(json.dumps(measure(args) if measure else measure_video(args, args.frames)))
         return
     if args.clip:

@@ -47,7 +47,8 @@ class ClipStub(nnx.Module):
     def decode(self, features, num_frames, image_size, cache=None, frames_per_chunk=None):
         m = features[0][:, 0, 0, 0].reshape(-1, num_frames, 1, 1)
         ramp = 1.0 + jnp.linspace(0.0, 1.0, image_size[1])
-        return (2.0 + m[:, :1]) * (ramp + CONTENT * m), cache
+        depth = (2.0 + m[:, :1]) * (ramp + CONTENT * m)
+        return jnp.broadcast_to(depth, (*depth.shape[:2], *image_size)), cache
 
 
 def normalised_mean(grey: np.ndarray) -> np.ndarray:

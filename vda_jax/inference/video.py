@@ -194,7 +194,7 @@ class WindowRunner:
         state = window.empty_state(model, self.slots, net_size, frame_size)
         self.state = jax.device_put(state, NamedSharding(mesh, P("data")))
 
-    def step(self, frames: np.ndarray, first: np.ndarray, real: np.ndarray) -> window.WindowOutput:
+    def step(self, frames: np.ndarray, first: np.ndarray, real: np.ndarray) -> jax.Array:
         """Runs one window of every slot (``window.window_step``); returns without waiting for it."""
         self.state, out = self._step(self.params, self.state, frames, first, real)
         return out
@@ -272,24 +272,19 @@ def _run_slots(runner: WindowRunner, slots: list[_Slot | None], assign: Callable
         in_flight = dispatched
 
 
-def _collect(out: window.WindowOutput, info, on_frames: Callable[[int], None]) -> None:
+def _collect(out: jax.Array, info, on_frames: Callable[[int], None]) -> None:
     """Copies a step's depths to the host and hands each slot's final frames to its sink."""
-    final = np.asarray(out.final)
-    head = np.asarray(out.head) if any(w == 0 for _, _, w, _ in info) else None
-    tail = np.asarray(out.tail) if any(ended for *_, ended in info) else None
+    depths = np.asarray(out)  # [slots, 32, H, W], laid out as window.window_step describes
     for i, slot, w, ended in info:
         if slot.failed:
             continue
         start = window.STRIDE * w
-        pieces = [(head[i], start)] if w == 0 else []
-        pieces.append((final[i], start + window.ALIGN_FRAMES))
-        if ended:
-            pieces.append((tail[i], start + window.FINAL_END))
-        for depth, first_frame in pieces:
-            keep = min(len(depth), max(slot.read - first_frame, 0))  # drop the padding past the end
-            if keep:
-                slot.job.sink.write(depth[:keep])
-                on_frames(keep)
+        first = 0 if w == 0 else window.ALIGN_FRAMES
+        last = window.WINDOW_FRAMES if ended else window.FINAL_END
+        keep = min(last, slot.read - start) - first  # drop the padding past the end
+        if keep > 0:
+            slot.job.sink.write(depths[i, first:first + keep])
+            on_frames(keep)
         if ended:
             slot.job.sink.close()
 

@@ -15,9 +15,11 @@ overlapping frames are blended linearly with the previous window's, and the
 reference of the second key frame moves to this window's frame at index 12.
 Metric models skip the fit (scale 1, shift 0) but blend the same way.
 
-Each step returns, per video slot, the 22 frames that became final, the first
-two frames (final only in a video's first window) and the 8 frames that wait
-for the next window's blend (final only in its last window).
+Each step returns, per video slot, the window's 32 depths at the frame size:
+inputs 2..23 became final (2..9 blended with the previous window), inputs 0 and
+1 are final only in a video's first window, and inputs 24..31 wait for the next
+window's blend (final only in its last window). The carried depths stay at the
+network's resolution, so the step writes each frame-size depth once.
 """
 
 from __future__ import annotations
@@ -48,59 +50,81 @@ from vda_jax.ops.resize import resize_bilinear_align_corners
 class WindowState(NamedTuple):
     """What one video slot carries from a window to the next (leading axis: slots ``B``).
 
+    Depths are carried at the network's resolution ``h x w``, with the scale and shift that
+    aligned them: their frame-size versions are upsampled again where a step reads them, so
+    a step writes each frame-size depth once, as an output.
+
     key_features: four ``[B, 10, ph, pw, E]`` encoder outputs of the next window's first inputs.
-    reference: ``[B, 2, H, W]`` depths the next window's first two frames are aligned to.
-    pending: ``[B, 8, H, W]`` aligned depths of the overlap, awaiting the next window's blend.
+    anchor: ``[B, h, w]`` depth of the video's frame 0 (kept as it is: the reference of every
+      window's first input).
+    previous: ``[B, 9, h, w]`` the last window's depths of its input 12 (the reference of the
+      next window's second input) and of its last 8 inputs (the overlap to blend).
+    affine: ``[B, 2]`` the scale and shift that aligned ``previous``.
     """
 
     key_features: tuple[jax.Array, ...]
-    reference: jax.Array
-    pending: jax.Array
+    anchor: jax.Array
+    previous: jax.Array
+    affine: jax.Array
 
 
-class WindowOutput(NamedTuple):
-    """Depths ``[B, n, H, W]`` a step hands back: ``final`` (22), ``head`` (2) and ``tail`` (8)."""
-
-    final: jax.Array
-    head: jax.Array
-    tail: jax.Array
+_PREVIOUS = np.asarray((KEYFRAMES[1], *range(FINAL_END, WINDOW_FRAMES)))  # the window inputs ``previous`` keeps
 
 
-def align_window(depth: jax.Array, reference: jax.Array, pending: jax.Array, first: jax.Array,
-                 metric: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Aligns one window to the previous one and blends the overlap.
+def aligned_depth(depth: jax.Array, affine: jax.Array, frame_size: tuple[int, int]) -> jax.Array:
+    """Network-size depths ``[n, h, w]`` at ``frame_size``, scaled, shifted and clipped at 0: ``[n, H, W]``.
+
+    ``affine``: ``[2]`` (one scale and shift for all) or ``[n, 2]``.
+    """
+    up = resize_bilinear_align_corners(depth, frame_size, axes=(-2, -1))
+    affine = jnp.broadcast_to(affine, (depth.shape[0], 2))
+    return jnp.maximum(up * affine[:, 0, None, None] + affine[:, 1, None, None], 0.0)
+
+
+def align_window(depth: jax.Array, anchor: jax.Array, previous: jax.Array, affine: jax.Array, first: jax.Array,
+                 frame_size: tuple[int, int], metric: bool) -> tuple[jax.Array, jax.Array]:
+    """Aligns one window to the previous one and blends the overlap, at the frame size.
+
+    The first window is kept as it is (scale 1, shift 0: the clip at 0 changes nothing, the
+    depths being non-negative).
 
     Args:
-      depth: ``[32, H, W]`` this window's depths at frame resolution.
-      reference: ``[2, H, W]``; pending: ``[8, H, W]`` (ignored when ``first``).
-      first: scalar bool, the video's first window (kept as it is).
+      depth: ``[32, h, w]`` this window's depths at the network's resolution.
+      anchor, previous, affine: the slot's ``WindowState`` (ignored when ``first``).
+      first: scalar bool, the video's first window.
+      frame_size: (H, W).
       metric: skip the scale/shift fit.
     Returns:
-      ``(final [22, H, W], aligned [32, H, W], new reference [2, H, W], new pending [8, H, W])``.
+      The window's aligned depths ``[32, H, W]``, its inputs 2..9 blended with the previous
+      window's (the layout of ``window_step``'s output), and its scale and shift ``[2]``.
     """
+    identity = jnp.array([1.0, 0.0], jnp.float32)
     if metric:
-        scale, shift = jnp.float32(1.0), jnp.float32(0.0)
+        fitted = identity
     else:
-        scale, shift = scale_and_shift(depth[:ALIGN_FRAMES], reference, jnp.ones_like(reference))
-    aligned = jnp.maximum(depth * scale + shift, 0.0)
-    aligned = jnp.where(first, depth, aligned)
+        reference = aligned_depth(jnp.stack([anchor, previous[0]]), jnp.stack([identity, affine]), frame_size)
+        keys = aligned_depth(depth[:ALIGN_FRAMES], identity, frame_size)
+        fitted = jnp.stack(scale_and_shift(keys, reference, jnp.ones_like(reference)))
+    fitted = jnp.where(first, identity, fitted)
+    aligned = aligned_depth(depth, fitted, frame_size)
     overlap = aligned[ALIGN_FRAMES:OVERLAP_FRAMES]
     w = jnp.asarray(blend_weights())[:, None, None]
-    blended = jnp.where(first, overlap, pending * (1.0 - w) + overlap * w)
-    final = jnp.concatenate([blended, aligned[OVERLAP_FRAMES:FINAL_END]])
-    reference = jnp.stack([jnp.where(first, aligned[0], reference[0]), aligned[KEYFRAMES[1]]])
-    return final, aligned, reference, aligned[FINAL_END:]
+    blended = jnp.where(first, overlap, aligned_depth(previous[1:], affine, frame_size) * (1.0 - w) + overlap * w)
+    return jnp.concatenate([aligned[:ALIGN_FRAMES], blended, aligned[OVERLAP_FRAMES:]]), fitted
 
 
 def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int],
                 frame_size: tuple[int, int]) -> WindowState:
-    """Host zeros of the right shapes for ``slots`` videos (a slot's first window ignores them)."""
-    config, (height, width) = model.config, net_size
-    grid = (height // config.patch_size, width // config.patch_size, config.embed_dim)
+    """Host zeros of the right shapes for ``slots`` videos (a slot's first window ignores them).
+
+    ``frame_size`` is not part of the state (depths are carried at ``net_size``).
+    """
+    config = model.config
+    grid = (net_size[0] // config.patch_size, net_size[1] // config.patch_size, config.embed_dim)
     key_features = tuple(np.zeros((slots, OVERLAP_FRAMES, *grid), model.encoder.dtype)
                          for _ in config.intermediate_layers)
-    return WindowState(key_features, np.zeros((slots, ALIGN_FRAMES, *frame_size), np.float32),
-                       np.zeros((slots, INTERP_FRAMES, *frame_size), np.float32))
+    return WindowState(key_features, np.zeros((slots, *net_size), np.float32),
+                       np.zeros((slots, len(_PREVIOUS), *net_size), np.float32), np.zeros((slots, 2), np.float32))
 
 
 def encoded_positions(first: jax.Array, real: jax.Array) -> jax.Array:
@@ -114,7 +138,7 @@ def encoded_positions(first: jax.Array, real: jax.Array) -> jax.Array:
 
 
 def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array, first: jax.Array,
-                real: jax.Array, net_size: tuple[int, int]) -> tuple[WindowState, WindowOutput]:
+                real: jax.Array, net_size: tuple[int, int]) -> tuple[WindowState, jax.Array]:
     """One window for every slot.
 
     Args:
@@ -126,6 +150,8 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
         rest repeat the last one (the official padding), so they are not encoded: the
         encoder is per-frame and their features are copies of the last frame's.
       net_size: network input (h, w), multiples of 14.
+    Returns:
+      The new state and the windows' depths ``[B, 32, H, W]`` (see the module's docstring).
     """
     b, t, height, width, _ = frames.shape
     encoded = model.encode(frames.reshape(b * t, height, width, 3), model.frames_per_chunk(net_size),
@@ -142,8 +168,8 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
     features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
     depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features),
                             WINDOW_FRAMES, net_size, frames_per_chunk=model.frames_per_chunk(net_size))
-    depth = resize_bilinear_align_corners(depth, (height, width), axes=(-2, -1))
-    align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, None))
-    final, aligned, reference, pending = align(depth, state.reference, state.pending, first, model.config.metric)
+    align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, 0, None, None))
+    out, affine = align(depth, state.anchor, state.previous, state.affine, first, (height, width), model.config.metric)
+    anchor = jnp.where(first[:, None, None], depth[:, 0], state.anchor)
     key_features = tuple(f[:, np.asarray(KEYFRAMES)] for f in features)
-    return WindowState(key_features, reference, pending), WindowOutput(final, aligned[:, :ALIGN_FRAMES], pending)
+    return WindowState(key_features, anchor, depth[:, _PREVIOUS], affine), out

@@ -99,6 +99,15 @@ def apply_taps(x: Array, taps: Taps, axis: int, xp: Any = np) -> Array:
     return out.astype(x.dtype)
 
 
+def dense_matrix(taps: Taps, in_size: int) -> np.ndarray:
+    """The taps as the ``[in_size, out]`` matrix of the resize (``y = x @ matrix`` along the axis)."""
+    idx, weights = taps
+    matrix = np.zeros((in_size, len(idx)), np.float32)
+    for k in range(idx.shape[1]):  # clamped border taps may repeat an index: their weights add
+        np.add.at(matrix, (idx[:, k], np.arange(len(idx))), weights[:, k])
+    return matrix
+
+
 def resize_2d(x: Array, size: tuple[int, int], axes: tuple[int, int], make_taps: Callable[[int, int], Taps],
               xp: Any = np) -> Array:
     """Resizes two axes of ``x`` to ``size`` with the taps ``make_taps(in, out)`` gives."""
