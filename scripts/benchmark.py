@@ -59,15 +59,19 @@ class _NullSink:
         pass
 
 
-def _model(encoder: str, precision: str):
+def _model(args):
+    """``args.checkpoint``'s model, or random weights of the released size ``args.encoder``."""
     import jax.numpy as jnp
     from flax import nnx
 
+    from vda_jax.checkpoint import load_checkpoint
     from vda_jax.config import model_config
     from vda_jax.models.vda import VideoDepthAnything
 
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
-    return VideoDepthAnything(model_config(encoder), rngs=nnx.Rngs(0), dtype=dtype)
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.precision]
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint, dtype=dtype)
+    return VideoDepthAnything(model_config(args.encoder), rngs=nnx.Rngs(0), dtype=dtype)
 
 
 def measure_step(args) -> dict:
@@ -78,7 +82,7 @@ def measure_step(args) -> dict:
     from vda_jax.inference.preprocess import network_size
     from vda_jax.inference.video import WindowRunner
 
-    model = _model(args.encoder, args.precision)
+    model = _model(args)
     frame_size = (args.height, args.width)
     frames = np.stack(list(generated_frames(window.WINDOW_FRAMES, *frame_size)))[None]
     first, real = np.array([False]), np.array([window.WINDOW_FRAMES], np.int32)  # a later window: 22 new frames
@@ -105,7 +109,7 @@ def measure_video(args, frames: int) -> dict:
     """End-to-end frames/s (after a short warm-up video compiles the step) and peak RSS."""
     from vda_jax.inference.video import VideoJob, run_videos
 
-    model = _model(args.encoder, args.precision)
+    model = _model(args)
     frame_size = (args.height, args.width)
 
     def run(count: int) -> float:
@@ -418,12 +422,17 @@ def _child(args, mode: str, frames: int) -> dict:
     cmd = [sys.executable, __file__, "--only", mode, "--frames", str(frames), "--repeats", str(args.repeats)] + [
         a for k in ("encoder", "input_size", "height", "width", "precision")
         for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
-    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the {mode} measurement failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="vits", choices=("vits", "vitb", "vitl"))
+    parser.add_argument("--checkpoint", help="a model directory to time instead of --encoder's random weights "
+                                             "(not with --clip or --official, which convert the official model)")
     parser.add_argument("--input-size", type=int, default=280)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
@@ -452,13 +461,15 @@ def main() -> None:
         measure = {"step": measure_step, "clip": measure_clip, "memory": measure_memory}.get(args.only)
         print(json.dumps(measure(args) if measure else measure_video(args, args.frames)))
         return
+    if args.checkpoint and (args.clip or args.official):
+        parser.error("--checkpoint times our model alone: drop --clip and --official, or drop --checkpoint")
     if args.clip:
         if not (args.official and args.torch_python):
             parser.error("--clip compares with the official pipeline: give --official and --torch-python")
         print(json.dumps(clip_report(args), indent=2))
         return
-    report = {"encoder": args.encoder, "input_size": args.input_size, "frame_size": [args.height, args.width],
-              "precision": args.precision, "step": _child(args, "step", 0)}
+    report = {"encoder": args.encoder, "checkpoint": args.checkpoint, "input_size": args.input_size,
+              "frame_size": [args.height, args.width], "precision": args.precision, "step": _child(args, "step", 0)}
     print(json.dumps(report["step"]), flush=True)
     for frames in sorted({args.frames, *args.rss_frames}):
         report[f"video_{frames}"] = _child(args, "video", frames)

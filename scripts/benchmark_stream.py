@@ -11,12 +11,14 @@ runs: it must stay flat once the caches are allocated.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
 import jax
 import numpy as np
 
+from vda_jax.checkpoint import load_checkpoint
 from vda_jax.config import model_config
 from vda_jax.inference.stream import StreamingDepth
 from vda_jax.models.vda import VideoDepthAnything
@@ -33,7 +35,7 @@ def _rss_mib() -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vits")
+    parser.add_argument("--model", default="vits", help="a released size (random weights) or a model directory")
     parser.add_argument("--input-size", type=int, default=280)
     parser.add_argument("--frame-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"))
     parser.add_argument("--frames", type=int, default=300)
@@ -43,7 +45,7 @@ def main() -> None:
     if args.frames <= _COMPILING_CALLS:
         parser.error(f"--frames must exceed {_COMPILING_CALLS}")
 
-    model = VideoDepthAnything(model_config(args.model))
+    model = load_checkpoint(args.model) if os.path.isdir(args.model) else VideoDepthAnything(model_config(args.model))
     streamer = StreamingDepth(model, args.input_size, args.precision)
     pool = np.random.default_rng(0).integers(0, 256, (8, *args.frame_size, 3), dtype=np.uint8)
     print(f"{args.model}, input {args.input_size}, frames {args.frame_size[0]}x{args.frame_size[1]}, "

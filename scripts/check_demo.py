@@ -27,10 +27,13 @@ import tempfile
 import time
 import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
-from selenium.webdriver.support.ui import WebDriverWait
+try:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # not a dependency of vda-jax: main() says what to install
+    webdriver = None
 
 from vda_jax.assets import SAMPLE_VIDEO
 
@@ -146,6 +149,13 @@ def main() -> None:
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     parser.add_argument("--chromedriver", default=shutil.which("chromedriver") or "chromedriver")
     args = parser.parse_args()
+    missing_tools = [name for name, found in (
+        ("Selenium (pip install selenium)", webdriver is not None),
+        (f"Chromium ({args.chromium})", shutil.which(args.chromium)),
+        (f"its driver ({args.chromedriver})", shutil.which(args.chromedriver))) if not found]
+    if missing_tools:
+        sys.exit(f"check_demo.py: error: missing {', '.join(missing_tools)}; on Debian: apt-get install "
+                 "chromium chromium-driver, or give --chromium and --chromedriver")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="check-demo-") as tmp:
         server = start_server(args, port, tmp)

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from flax import nnx
 
-from vda_jax.checkpoint import save_model
+from vda_jax.checkpoint import load_checkpoint, save_model
 from vda_jax.config import model_config
 from vda_jax.export.exporter import ExportOptions, export_checkpoint
 from vda_jax.models.vda import VideoDepthAnything
@@ -54,6 +54,7 @@ def _timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", default="vits")
+    parser.add_argument("--checkpoint", help="a model directory to export instead of --encoder's random weights")
     parser.add_argument("--height", type=int, default=280)
     parser.add_argument("--width", type=int, default=378)
     parser.add_argument("--frames", type=int, default=32)
@@ -63,17 +64,21 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", "highest")
     workdir = args.workdir or tempfile.mkdtemp(prefix="vda-export-check-")
-    model = VideoDepthAnything(model_config(args.encoder), rngs=nnx.Rngs(0))
-    _randomise_temporal(model, 0)
-    checkpoint = os.path.join(workdir, "model")
-    save_model(model, checkpoint, metadata={"input_size": args.height}, overwrite=True)
+    if args.checkpoint:
+        model, checkpoint = load_checkpoint(args.checkpoint), args.checkpoint
+    else:
+        model = VideoDepthAnything(model_config(args.encoder), rngs=nnx.Rngs(0))
+        _randomise_temporal(model, 0)
+        checkpoint = os.path.join(workdir, "model")
+        save_model(model, checkpoint, metadata={"input_size": args.height}, overwrite=True)
 
     frames = np.random.default_rng(0).normal(size=(1, args.frames, args.height, args.width, 3)).astype(np.float32)
     graphdef, params = nnx.split(model)
     chunk = 1  # one frame at a time, the CPU default (vda_jax.models.vda.default_chunk_bytes)
     jax_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, frames_per_chunk=chunk))
     expected = np.asarray(jax_fn(params, frames))
-    report = {"encoder": args.encoder, "size": [args.height, args.width], "frames": args.frames,
+    report = {"encoder": args.encoder, "checkpoint": args.checkpoint, "size": [args.height, args.width],
+              "frames": args.frames,
               "jax_ms_per_frame": 1e3 * _timed(lambda: jax_fn(params, frames).block_until_ready(), args.repeats)
               / args.frames}
     path = os.path.join(workdir, "clip.onnx")

@@ -101,9 +101,12 @@ def main() -> None:
     parser.add_argument("--eval-frames", type=int, default=240)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "RESULTS.md"))
     parser.add_argument("--bundle", action="store_true", help="ship model (b) as the package's demo model")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of configs/train/synthetic_claim.py for both models (e.g. a smaller "
+                             "dataset: synthetic.num_videos=(8,2,0))")
     args = parser.parse_args()
 
-    base = load_config(CONFIG)
+    base = load_config(CONFIG, args.overrides)
     clip_frames, batch = base.data.clip_frames, base.batch_size
     if not 0 < args.image_steps < args.steps:
         parser.error("--image-steps must be between 0 and --steps")
@@ -114,14 +117,14 @@ def main() -> None:
     data = [f"data.data_dir={os.path.join(args.workdir, 'data')}"]
     per_frame_dir, per_frame_min = train_model(
         os.path.join(args.workdir, "per_frame"), args.steps,
-        [*one_frame_clips, *data, f"checkpoint.every={args.image_steps}",
+        [*args.overrides, *one_frame_clips, *data, f"checkpoint.every={args.image_steps}",
          f"checkpoint.keep={args.steps // args.image_steps + 1}"])
     image_dir = os.path.join(args.workdir, "image_stage")
     if not os.path.isdir(image_dir):
         model_from_checkpoint(os.path.join(args.workdir, "per_frame"), image_dir, step=args.image_steps)
     temporal_dir, temporal_min = train_model(os.path.join(args.workdir, "temporal_stage"),
                                              args.steps - args.image_steps,
-                                             [f"init_from={image_dir}", "train_encoder=False", *data])
+                                             [*args.overrides, f"init_from={image_dir}", "train_encoder=False", *data])
     per_frame, temporal = load_checkpoint(per_frame_dir), load_checkpoint(temporal_dir)
 
     results: dict[str, list] = {"per_frame": [], "ground_truth": [], **{s: [] for s in STRATEGIES}}
@@ -155,8 +158,8 @@ def main() -> None:
               f"encoder frozen ({temporal_min:.1f} min), as the paper builds Video Depth Anything on Depth Anything "
               f"V2. Evaluation: {args.eval_videos} held-out videos of {args.eval_frames} frames at "
               f"{height}x{width}, input size {INPUT_SIZE}.")
-    command = (f"python scripts/reproduce_claim.py --workdir /tmp/claim --steps {args.steps} "
-               f"--image-steps {args.image_steps}")
+    command = " ".join([f"python scripts/reproduce_claim.py --workdir /tmp/claim --steps {args.steps} "
+                        f"--image-steps {args.image_steps}", *args.overrides])
     text = f"""# The consistency claim, reproduced on synthetic data
 
 Regenerate: `{command}{' --bundle' if args.bundle else ''}`

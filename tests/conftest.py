@@ -2,11 +2,15 @@
 
 The suite runs on the host CPU whatever accelerators the machine has (its tolerances are the
 CPU's); tests marked ``aot`` compile for GPUs and TPUs without them and need the ``[aot]``
-extra: where JAX's CUDA compiler or libtpu is missing they are deselected.
+extra: where JAX's CUDA compiler or libtpu is missing they are deselected. Tests marked
+``browser`` drive the demo page in Chromium: deselected where Chromium, chromedriver or
+Selenium is missing.
 """
 
+import importlib.util
 import os
 import pathlib
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,17 +32,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 AOT_COMPILERS = ("jax_plugins.xla_cuda13", "libtpu")
+# The modules that take longest (minutes of compiles and child processes), longest first: the workers
+# take modules in collection order, so these start first and no worker is left running one at the end.
+LONGEST_FIRST = ("test_multihost.py", "test_train_step.py", "test_scripts.py", "test_cli_infer.py",
+                 "test_train_loop.py", "test_export.py", "test_demo.py")
+
+
+def _browser_tools() -> bool:
+    """What the ``browser`` tests need beyond vda-jax: Chromium, its driver and Selenium."""
+    return bool(shutil.which("chromium") and shutil.which("chromedriver") and importlib.util.find_spec("selenium"))
 
 
 def pytest_collection_modifyitems(config, items):
     from vda_jax.aot.targets import installed
 
-    if all(installed(name) for name in AOT_COMPILERS):
-        return
-    deselected = [item for item in items if item.get_closest_marker("aot")]
+    missing = [marker for marker, present in (("aot", all(installed(name) for name in AOT_COMPILERS)),
+                                              ("browser", _browser_tools())) if not present]
+    deselected = [item for item in items if any(item.get_closest_marker(marker) for marker in missing)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("aot")]
+        items[:] = [item for item in items if item not in deselected]
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

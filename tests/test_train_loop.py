@@ -17,6 +17,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from vda_jax import cli
+from vda_jax.assets import DEMO_MODEL
 from vda_jax.checkpoint import load_checkpoint, read_config
 from vda_jax.data import builders
 from vda_jax.train.checkpoints import Checkpoints, flat_arrays, with_arrays
@@ -29,16 +30,17 @@ TINY_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "train" / "synthet
 
 
 @pytest.fixture(scope="module")
-def config(tiny_model_dir, tmp_path_factory):
-    """The tiny config on a 2x2x2 mesh: 4 clips x 4 frames x 28x42, the fixture model, 6 steps."""
+def config(tmp_path_factory):
+    """The tiny config on a 2x2x2 mesh: 4 clips x 4 frames x 28x42, the bundled demo model (4 ViT blocks:
+    a third of the fixture model's compile), 6 steps."""
     config = load_config(str(TINY_CONFIG), [
         f"data.data_dir={tmp_path_factory.mktemp('data')}", "synthetic.height=32", "synthetic.width=48",
         "synthetic.num_frames=8", "synthetic.num_videos=(4,2,0)", "data.clip_frames=4", "data.clip_hop=2",
         "data.crop_size=(28,42)", "batch_size=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-        "sharding.min_fsdp_size=0", "train_encoder=False", f"init_from={tiny_model_dir}", "total_steps=6",
+        "sharding.min_fsdp_size=0", "train_encoder=False", f"init_from={DEMO_MODEL}", "total_steps=6",
         "optimizer.warmup_steps=2", "checkpoint.every=2", "eval.every=6", "eval.max_batches=1", "log_every=1",
         "progress_bar=False"])
-    model, _ = read_config(str(tiny_model_dir))
+    model, _ = read_config(DEMO_MODEL)
     config.model = config_dict.ConfigDict({"name": "custom", **{k: v for k, v in model.to_dict().items()
                                                                 if k != "encoder"}})
     return config

@@ -6,6 +6,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from vda_jax.assets import DEMO_MODEL
+from vda_jax.checkpoint import load_checkpoint
 from vda_jax.train import losses, sharding
 from vda_jax.train.checkpoints import flat_arrays
 from vda_jax.train.config import default_config
@@ -72,10 +74,14 @@ def test_sharded_step_matches_one_device(tiny_model, batch, reference, mesh_shap
             np.testing.assert_allclose(updated[path], value, rtol=1e-5, atol=1e-8, err_msg=path)
 
 
-def test_remat_keeps_loss_and_gradients(tiny_model, batch):
-    """Per-module remat (ViT blocks included): same loss, same gradients."""
+def test_remat_keeps_loss_and_gradients(batch):
+    """Per-module remat (ViT blocks included): same loss, same gradients.
+
+    On the bundled demo model: every module kind of the fixture model's, trained temporal layers (a
+    fresh model's start at zero), and 4 ViT blocks instead of 12 (a third of the compile).
+    """
     clips = {k: v[:2] for k, v in batch.items()}
-    graphdef, params = nnx.split(tiny_model)
+    graphdef, params = nnx.split(load_checkpoint(DEMO_MODEL))
 
     def run(opts):
         return jax.device_get(jax.jit(lambda p, b: loss_and_grads(nnx.merge(graphdef, p), b, opts))(params, clips))
@@ -87,10 +93,13 @@ def test_remat_keeps_loss_and_gradients(tiny_model, batch):
     flat, remat_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(remat_grads))
     assert any(path[0] == "encoder" for path in flat) and flat.keys() == remat_flat.keys()
     for path, value in flat.items():
-        # float32 noise only (other batch shapes, other kernels): ~1e-5 of each array's largest entry.
+        # Remat recomputes the forward pass in other fusions, so the gradients differ by float32 rounding
+        # amplified through the backward pass: a relative L2 error per array of 6.5e-5 at most measured
+        # (~550 x 2^-23). Element by element, sums that cancel make it unbounded. A wrong rematerialisation
+        # differs by O(1).
         value = np.asarray(value[...])
-        np.testing.assert_allclose(remat_flat[path][...], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(),
-                                   err_msg=str(path))
+        difference, scale = np.linalg.norm(remat_flat[path][...] - value), np.linalg.norm(value)
+        assert difference <= 1e-3 * scale, (path, difference, scale)  # unused parameters: zero and zero
 
 
 def test_frozen_encoder(reference):
