@@ -16,7 +16,7 @@ from PIL import Image
 
 import vda_jax
 from vda_jax import cli
-from vda_jax.assets import SAMPLE_RENDER
+from vda_jax.assets import DEMO_MODEL, SAMPLE_RENDER
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.data.synthetic import render_video
 from vda_jax.eval.metrics import depth_metrics
@@ -29,6 +29,18 @@ from vda_jax.io.video import VideoWriter, probe, read_frames
 def _write_video(path, frames, fps=10):
     with VideoWriter(str(path), fps) as writer:
         writer.write(frames)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> pathlib.Path:
+    """The bundled demo model: here the CLI is compared with the library, not with the official outputs,
+    and its 4 ViT blocks compile in a third of the fixture model's time."""
+    return pathlib.Path(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_checkpoint(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +58,14 @@ def videos(tmp_path_factory):
     return paths
 
 
-def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, videos, tmp_path, capsys, x264_subme):
+def test_infer_writes_every_output_and_matches_the_library(model_dir, videos, tmp_path, capsys, x264_subme):
     out = tmp_path / "out"
-    args = ["infer", *map(str, videos), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
+    args = ["infer", *map(str, videos), "--checkpoint", str(model_dir), "--output-dir", str(out),
             "--input-size", "28", "--save-npz", "--batch-size", "2", "--video-preset", "ultrafast", "--quiet"]
     assert cli.main(args) == 0
     assert sorted(os.listdir(out)) == ["clip0_depths.npz", "clip0_src.mp4", "clip0_vis.mp4",
                                        "clip1_depths.npz", "clip1_src.mp4", "clip1_vis.mp4"]
-    model = load_checkpoint(str(tiny_model_dir))
+    model = load_checkpoint(str(model_dir))
     for video in videos:
         name = video.stem
         depths = np.load(out / f"{name}_depths.npz")["depths"]
@@ -69,7 +81,7 @@ def test_infer_writes_every_output_and_matches_the_library(tiny_model_dir, video
     assert captured.out.strip() == f"0 of 2 videos written to {out}; 2 done before"
 
 
-def test_unreadable_video_fails_alone_odd_sizes_are_stated_stale_temporaries_go(tiny_model_dir, videos, tmp_path,
+def test_unreadable_video_fails_alone_odd_sizes_are_stated_stale_temporaries_go(model_dir, videos, tmp_path,
                                                                                   capsys):
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00" * 1000)
@@ -83,7 +95,7 @@ def test_unreadable_video_fails_alone_odd_sizes_are_stated_stale_temporaries_go(
     (out / ".clip1_outputs.0123abcd.tmp" / "clip1_src.mp4").write_bytes(b"partial")
     (out / ".odd_src.89abcdef.tmp.mp4").write_bytes(b"partial")
     (out / ".clip10_src.89abcdef.tmp.mp4").write_bytes(b"another video's")
-    code = cli.main(["infer", str(bad), str(videos[1]), str(odd), "--checkpoint", str(tiny_model_dir),
+    code = cli.main(["infer", str(bad), str(videos[1]), str(odd), "--checkpoint", str(model_dir),
                      "--output-dir", str(out), "--input-size", "28", "--save-npz", "--quiet"])
     assert code == 1
     captured = capsys.readouterr()
@@ -105,7 +117,7 @@ def _error(capsys) -> str:
     return err
 
 
-def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monkeypatch):
+def test_cli_errors_are_one_line(model_dir, videos, tmp_path, capsys, monkeypatch):
     assert cli.main(["infer", str(tmp_path / "missing.mp4"), "--checkpoint", str(tmp_path)]) == 1
     assert "missing.mp4" in _error(capsys)
     for bad in (["--batch-size", "0"], ["--video-preset", "quick"]):
@@ -128,7 +140,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, videos, tmp_path, capsys, monke
     # A run that writes nothing leaves no output folder behind.
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"")
-    assert cli.main(["infer", str(broken), "--checkpoint", str(tiny_model_dir), "--output-dir", str(out),
+    assert cli.main(["infer", str(broken), "--checkpoint", str(model_dir), "--output-dir", str(out),
                      "--quiet"]) == 1
     assert not out.exists()
 
@@ -204,7 +216,7 @@ def _processes_naming(text: str) -> list[str]:
 
 @pytest.mark.parametrize("signum, message", [(signal.SIGINT, "vda-jax: interrupted"),
                                              (signal.SIGTERM, "vda-jax: stopped by SIGTERM")])
-def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_dir, tmp_path, signum, message,
+def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(model_dir, tmp_path, signum, message,
                                                                     child_env):
     """A stop signal while the first window compiles, with the decoder and the encoder running (SIGTERM, as
     `timeout` or a cluster sends it, to the main process alone)."""
@@ -215,7 +227,7 @@ def test_ctrl_c_or_sigterm_exits_128_plus_signal_and_leaves_nothing(tiny_model_d
     out = tmp_path / "out"
     env = child_env(1, VDA_JAX_CACHE_DIR=str(tmp_path / "cache"))  # an empty cache: the window compiles
     process = subprocess.Popen([sys.executable, "-m", "vda_jax.cli", "infer", str(video), "--checkpoint",
-                                str(tiny_model_dir), "--output-dir", str(out), "--input-size", "28", "--save-npz",
+                                str(model_dir), "--output-dir", str(out), "--input-size", "28", "--save-npz",
                                 "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -249,7 +261,7 @@ def _infer(model, videos, out, **kwargs):
                              files.ReadOptions(), input_size=28, progress=False, **kwargs)
 
 
-def test_a_video_is_finished_while_the_next_one_runs(tiny_model, videos, tmp_path, monkeypatch):
+def test_a_video_is_finished_while_the_next_one_runs(model, videos, tmp_path, monkeypatch):
     second_written = threading.Event()
     write = files.VideoOutputs.write
 
@@ -261,33 +273,33 @@ def test_a_video_is_finished_while_the_next_one_runs(tiny_model, videos, tmp_pat
     monkeypatch.setattr(files.VideoOutputs, "write", noting_write)
     overlapped = []
     _finish_clip0_with(monkeypatch, lambda: overlapped.append(second_written.wait(timeout=60)))
-    report = _infer(tiny_model, videos, tmp_path)
+    report = _infer(model, videos, tmp_path)
     assert overlapped == [True]  # clip1's depths came while clip0 waited to be finished
     assert sorted(report.written) == sorted(map(str, videos)) and not report.failed
     assert sorted(os.listdir(tmp_path)) == sorted(f"clip{i}_{kind}" for i in range(2)
                                                   for kind in ("depths.npz", "src.mp4", "vis.mp4"))
 
 
-def test_a_video_that_fails_to_finish_fails_alone(tiny_model, videos, tmp_path, monkeypatch):
+def test_a_video_that_fails_to_finish_fails_alone(model, videos, tmp_path, monkeypatch):
     def full_disk():
         raise OSError(28, "No space left on device")
 
     _finish_clip0_with(monkeypatch, full_disk)
     logged = []
-    report = _infer(tiny_model, videos, tmp_path, log=logged.append)
+    report = _infer(model, videos, tmp_path, log=logged.append)
     assert report.failed == [str(videos[0])] and report.written == [str(videos[1])]
     assert logged == [f"{videos[0]}: error: [Errno 28] No space left on device"]
     assert sorted(os.listdir(tmp_path)) == ["clip1_depths.npz", "clip1_src.mp4", "clip1_vis.mp4"]
 
 
-def test_ctrl_c_while_a_video_is_finished_in_the_background(tiny_model, videos, tmp_path, monkeypatch):
+def test_ctrl_c_while_a_video_is_finished_in_the_background(model, videos, tmp_path, monkeypatch):
     def interrupt_then_wait():
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         time.sleep(0.5)  # the interrupt reaches the main thread while this video is being finished
 
     _finish_clip0_with(monkeypatch, interrupt_then_wait)
     with pytest.raises(KeyboardInterrupt):
-        _infer(tiny_model, videos, tmp_path)
+        _infer(model, videos, tmp_path)
     # The video being finished completes; the other leaves nothing, and no temporary is left.
     assert sorted(os.listdir(tmp_path)) == ["clip0_depths.npz", "clip0_src.mp4", "clip0_vis.mp4"]
     assert len(np.load(tmp_path / "clip0_depths.npz")["depths"]) == 30
@@ -334,7 +346,7 @@ def _run_two_processes(args: list[str], child_env) -> list[tuple[int, str, str]]
             p.kill()
 
 
-def test_two_processes_split_the_videos(tiny_model_dir, tmp_path, child_env):
+def test_two_processes_split_the_videos(model_dir, tmp_path, child_env):
     """Every output once, equal to a 1-process run's; a re-run skips them, and a failure on one process
     does not hold up the other."""
     inputs = tmp_path / "videos"
@@ -344,7 +356,7 @@ def test_two_processes_split_the_videos(tiny_model_dir, tmp_path, child_env):
         _write_video(inputs / f"v{i}.mp4", np.stack([np.uint8(128 + 100 * np.sin((x + 3 * t + 7 * i) / 6 + y / 9))
                                                      [..., None].repeat(3, -1) for t in range(n)]))
     out, single = tmp_path / "out", tmp_path / "single"
-    args = ["infer", "--checkpoint", str(tiny_model_dir), "--input-size", "28", "--save-npz", "--quiet"]
+    args = ["infer", "--checkpoint", str(model_dir), "--input-size", "28", "--save-npz", "--quiet"]
     assert cli.main([*args, str(inputs), "--output-dir", str(single)]) == 0
     runs = _run_two_processes([*args, str(inputs), "--output-dir", str(out)], child_env)
     for i, (code, stdout, stderr) in enumerate(runs):

@@ -135,17 +135,17 @@ def test_two_processes_train_evaluate_and_export(two_process_run, tmp_path, caps
 
 
 def test_same_losses_on_one_process_and_resume_across_topologies(tmp_path, job_env):
-    run(job_env, 2, tmp_path / "two", *MESH_2, "total_steps=8", "eval.every=0")
+    run(job_env, 2, tmp_path / "two", *MESH_2, "total_steps=8", "eval.every=0", "checkpoint.every=4")
     expected = losses(tmp_path / "two")
     # The same global batches and mesh on 1 process x 2 devices: the same losses.
-    run(job_env, 1, tmp_path / "one", *MESH_2, "total_steps=8", "eval.every=0")
+    run(job_env, 1, tmp_path / "one", *MESH_2, "total_steps=8", "eval.every=0", "checkpoint.every=4")
     np.testing.assert_allclose([losses(tmp_path / "one")[s] for s in range(1, 9)],
                                [expected[s] for s in range(1, 9)], rtol=1e-5)
 
     # The 2-process checkpoint of step 4 resumed on 1 process: the same batches, so the same losses.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two" / "checkpoints" / "4", resumed / "checkpoints" / "4")
-    run(job_env, 1, resumed, *MESH_2, "total_steps=8", "eval.every=0")
+    run(job_env, 1, resumed, *MESH_2, "total_steps=8", "eval.every=0", "checkpoint.every=4")
     again = losses(resumed)
     assert sorted(again) == [5, 6, 7, 8]
     np.testing.assert_allclose([again[s] for s in again], [expected[s] for s in again], rtol=1e-5)

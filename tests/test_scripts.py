@@ -141,7 +141,8 @@ def test_memory_plan(child_env):
 def test_reproduce_claim(tmp_path, child_env):
     out = tmp_path / "RESULTS.md"
     overrides = ["synthetic.num_videos=(4,2,0)", "batch_size=1", "data.clip_frames=2", "eval.every=0",
-                 "optimizer.warmup_steps=0", "train_encoder=False"]  # a smaller step to compile
+                 "optimizer.warmup_steps=0", "train_encoder=False",  # a smaller step to compile
+                 "data.read_threads=1", "data.prefetch_batches=1"]
     run_script("reproduce_claim.py", "--workdir", tmp_path / "claim", "--steps", 2, "--image-steps", 1,
                "--eval-videos", 1, "--eval-frames", 33, "--output", out, *overrides, env=child_env(1))
     text = out.read_text()

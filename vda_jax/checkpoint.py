@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vda_jax.config import ModelConfig
+from vda_jax.io.json_file import read_json
 from vda_jax.io.paths import check_output_folder
 from vda_jax.models.layers import Dtype, FusedLinear
 from vda_jax.models.vda import VideoDepthAnything
@@ -166,11 +167,7 @@ def read_config(path: str) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointFormatError(f"{path} is a file, not a vda-jax model directory{hint}")
     if not os.path.isfile(config_path):
         raise CheckpointFormatError(f"{path} is not a vda-jax model directory: no config.json")
-    try:
-        with open(config_path) as f:
-            info = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{config_path} is not valid JSON ({e}); re-run the conversion") from e
+    info = read_json(config_path, "re-run the conversion", CheckpointFormatError)
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         if isinstance(info, dict) and "optimizer" in info:  # a training config: DIR is a workdir
             model = os.path.join(path, "model")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from vda_jax.io.json_file import read_json
 
 # Encoder sizes of DINOv2 (ViT-S/B/L/g with patch 14); the head sizes Video Depth
 # Anything pairs with each.
@@ -134,11 +135,7 @@ def config_from_json(path: str) -> ModelConfig:
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; {what}")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not JSON ({e}); {what}") from None
+    values = read_json(path, what)
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds a JSON {type(values).__name__}, not an architecture's fields")
     if values.get("format") == "vda-jax":  # a model directory's config.json (checkpoint.FORMAT)

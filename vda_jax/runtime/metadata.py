@@ -13,9 +13,10 @@ Versions:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from vda_jax.io.json_file import read_json
 
 EXPORT_FORMAT = "vda-jax-export"
 EXPORT_VERSION = 2
@@ -47,11 +48,7 @@ def read_metadata(path: str, artifact: str) -> dict[str, Any]:
     if meta_path is None:
         raise FileNotFoundError(f"{path} has no {os.path.basename(candidates[0])} beside it; export it again with "
                                 f"`vda-jax export CHECKPOINT {name}` (it writes both)")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not JSON ({e}); export {name} again") from None
+    meta = read_json(meta_path, f"export {name} again")
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path} does not describe a vda-jax export; export {name} again")
     if not isinstance(meta.get("version"), int) or meta["version"] > EXPORT_VERSION:

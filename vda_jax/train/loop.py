@@ -19,7 +19,6 @@ them. The workdir must be on a file system that every process sees.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from vda_jax.checkpoint import FORMAT as MODEL_FORMAT
 from vda_jax.checkpoint import check_model_output, count_params, save_model
 from vda_jax.data import builders, pipeline
 from vda_jax.eval.metrics import depth_metrics
+from vda_jax.io.json_file import read_json
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
@@ -339,11 +339,7 @@ def model_from_checkpoint(workdir: str, output_dir: str, *, step: str | int = "b
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{workdir} is not a training workdir: it has no config.json")
-    with open(config_path) as f:
-        try:
-            config = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    config = read_json(config_path, "give a workdir that vda-jax train wrote")
     if not isinstance(config, dict) or "checkpoint" not in config:
         ours = isinstance(config, dict) and config.get("format") == MODEL_FORMAT
         raise ValueError(f"{workdir} is " + ("a model directory already; use it as it is (e.g. --checkpoint "
