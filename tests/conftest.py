@@ -15,12 +15,17 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
-# Flags given from outside (e.g. --xla_cpu_max_isa) are kept. LLVM's optimisation passes are off:
-# a third less compile time, which is most of the suite's; the programs and their results are
-# the same up to float rounding, which every comparison's tolerance covers (as across CPUs).
+# Flags given from outside (e.g. --xla_cpu_max_isa) are kept; each of ours only where not given.
+# Compiling is most of the suite's time, so XLA:CPU compiles cheaply here: LLVM's optimisation
+# passes off, the element-wise fusions through the classic emitters (not the MLIR fusion
+# emitters), one LLVM module per program (split modules compile on more threads, which the two
+# workers leave no room for). Together about half the CPU time of a compile. The programs compute
+# the same values up to float rounding, which every comparison's tolerance covers (as across CPUs).
+_CHEAP_COMPILES = {"--xla_backend_optimization_level": "0", "--xla_llvm_disable_expensive_passes": "true",
+                   "--xla_cpu_use_fusion_emitters": "false", "--xla_cpu_parallel_codegen_split_count": "1"}
 _FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
-if not any(f.startswith("--xla_backend_optimization_level") for f in _FLAGS):
-    _FLAGS.append("--xla_backend_optimization_level=0")
+_FLAGS += [f"{flag}={value}" for flag, value in _CHEAP_COMPILES.items()
+           if not any(f.startswith(flag + "=") for f in _FLAGS)]
 os.environ["XLA_FLAGS"] = " ".join([*_FLAGS, f"{_DEVICE_COUNT}=8"])
 # Compiled programs are shared within a test session, not with the user's cache.
 os.environ.setdefault("VDA_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="vda-jax-xla-"))

@@ -92,14 +92,17 @@ def test_remat_keeps_loss_and_gradients(batch):
         np.testing.assert_allclose(remat_terms[name], value, rtol=1e-6, err_msg=name)
     flat, remat_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(remat_grads))
     assert any(path[0] == "encoder" for path in flat) and flat.keys() == remat_flat.keys()
+    norms = {path: np.linalg.norm(np.asarray(value[...])) for path, value in flat.items()}
+    total = np.sqrt(sum(n ** 2 for n in norms.values()))
     for path, value in flat.items():
         # Remat recomputes the forward pass in other fusions, so the gradients differ by float32 rounding
         # amplified through the backward pass: a relative L2 error per array of 6.5e-5 at most measured
         # (~550 x 2^-23). Element by element, sums that cancel make it unbounded. A wrong rematerialisation
-        # differs by O(1).
-        value = np.asarray(value[...])
-        difference, scale = np.linalg.norm(remat_flat[path][...] - value), np.linalg.norm(value)
-        assert difference <= 1e-3 * scale, (path, difference, scale)  # unused parameters: zero and zero
+        # differs by O(1). An array whose exact gradient is zero holds rounding noise only (the last bias:
+        # the loss is invariant to a shift of the depth), so errors below 1e-6 of the whole gradient's norm
+        # pass too.
+        difference = np.linalg.norm(remat_flat[path][...] - np.asarray(value[...]))
+        assert difference <= 1e-3 * norms[path] + 1e-6 * total, (path, difference, norms[path], total)
 
 
 def test_frozen_encoder(reference):
