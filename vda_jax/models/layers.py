@@ -160,6 +160,10 @@ class FusedLinear(nnx.Module):
     Kernel ``[in, parts, out]``, bias ``[parts, out]``. The parts (q, k, v; GEGLU's value
     and gate) are an axis of their own, so tensor parallelism splits ``out`` (the logical
     ``out_axis``, e.g. heads) and every shard holds matching slices of all parts.
+
+    The product is a ``tensordot``: the same XLA dot as ``einsum("...i,ipo->...po")``, but
+    jax2onnx exports that einsum by broadcasting the kernel to ``[..., in, parts, out]``
+    (gigabytes per layer); a ``tensordot`` exports as one ONNX Einsum of the two operands.
     """
 
     def __init__(self, in_features: int, parts: int, out_features: int, *, out_axis: str,
@@ -173,7 +177,7 @@ class FusedLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = gather(self.kernel[...], (None, None, self.out_axis)).astype(self.dtype)
         bias = gather(self.bias[...], (None, self.out_axis)).astype(self.dtype)
-        return jnp.einsum("...i,ipo->...po", x.astype(self.dtype), kernel) + bias
+        return jnp.tensordot(x.astype(self.dtype), kernel, axes=1) + bias
 
 
 def conv(in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
