@@ -19,6 +19,7 @@ import safetensors.numpy
 from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax import cli
+from vda_jax.checkpoint import read_config
 from vda_jax.export.exporter import ExportOptions, checkpoint_hash, export_checkpoint
 from vda_jax.inference import stream
 from vda_jax.runtime.metadata import EXPORT_VERSION
@@ -198,6 +199,32 @@ def test_onnx_clip_batch_is_dynamic(onnx_models):
     for i in range(2):
         np.testing.assert_allclose(both[i:i + 1], model(frames[i:i + 1])[0], rtol=1e-5, atol=1e-5)
 
+
+
+def test_onnx_clip_materialises_nothing_larger_than_an_activation(onnx_models, tiny_model_dir):
+    """#25: jax2onnx exported the fused qkv and GEGLU projections' einsum by broadcasting the kernel over every
+    token (``Expand`` to ``[N, tokens, in, parts, out]``: 1.6 GB per encoder block for vits at 126x182, 8 frames;
+    onnxruntime ran out of memory at 280x378, 32 frames); here that gave 147 MB GEGLU broadcasts, the bound is 28 MB."""
+    config, _ = read_config(str(tiny_model_dir))
+    proto = onnx.load(onnx_models["clip70"])
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # one clip: every shape static
+    del proto.graph.value_info[:]
+    graph = onnx.shape_inference.infer_shapes(proto, data_prop=True, strict_mode=True).graph
+    values = {v.name: v.type.tensor_type for v in (*graph.value_info, *graph.output)}
+    sizes = {}
+    for node in graph.node:
+        for name in node.output:
+            shape = [d.dim_value if d.HasField("dim_value") else None for d in values[name].shape.dim]
+            assert None not in shape, (node.op_type, name, shape)
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(values[name].elem_type).itemsize
+            sizes[f"{node.op_type} {name} {shape}"] = int(np.prod(shape)) * itemsize
+    # The clip's largest float32 activations: the encoder's MLP hidden layer, its attention logits and the head's
+    # output convolutions at the input size (max(features // 2, 32) channels), all frames at once.
+    t, h, w = 32, 70, 98
+    tokens = (h // config.patch_size) * (w // config.patch_size) + 1
+    bound = 4 * t * max(tokens * int(config.mlp_ratio * config.embed_dim), config.num_heads * tokens**2,
+                        h * w * max(config.features // 2, 32))
+    assert max(sizes.values()) <= bound, sorted(sizes.items(), key=lambda item: -item[1])[:5]
 
 _JAX_FREE_RUN = textwrap.dedent("""
     import json, sys
