@@ -120,6 +120,9 @@ def test_export_check(tmp_path, child_env):
     onnx, fp16 = report["onnx_fp32"], report["stablehlo_fp16"]
     # Same float32 operations in another runtime: rounding only (~1e-6 measured).
     assert onnx["finite"] and onnx["max_rel_error"] < 1e-4 and onnx["file_mb"] > 0
+    assert report["jax_clip"]["max_rel_error"] < 1e-4  # all frames at once: the same depths
+    assert all(report[side]["ms_per_frame"] > 0 and report[side]["peak_rss_mb"] > 0
+               for side in ("jax", "jax_clip", "onnx_fp32"))
     # float16 keeps 11 bits (rounding 2^-11 per operation): a few 1e-3, measured ~3e-3.
     assert fp16["finite"] and fp16["mean_rel_error"] < 2e-2
     assert (tmp_path / "clip.onnx").is_file() and (tmp_path / "clip_fp16.stablehlo").is_file()
