@@ -41,6 +41,8 @@ def test_lazy_frames_and_no_recompile_across_lengths(tiny_model, fixtures):
     # The first 46 frames see the same windows as in the longer video; frame 46 ends this one.
     np.testing.assert_allclose(lazy[:24], whole[:24], rtol=1e-6, atol=1e-6)
     assert lazy.shape == (47, 72, 96)
+    # A sized input is written into one array as windows finish; an iterable is joined at the end.
+    np.testing.assert_array_equal(video.infer_video_depth(tiny_model, iter(frames), input_size=70), whole)
 
 
 def test_every_frame_is_encoded_once(tiny_model, fixtures, monkeypatch):

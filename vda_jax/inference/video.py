@@ -17,7 +17,7 @@ import functools
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
 from typing import Protocol
 
 import jax
@@ -351,6 +351,30 @@ class _ListSink:
     def close(self) -> None:
         pass
 
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.chunks)
+
+
+class _ArraySink:
+    """Copies each window's depths into one ``[num_frames, H, W]`` array as they come, so a
+    window's output buffer is freed as soon as it is read and nothing is joined at the end."""
+
+    def __init__(self, num_frames: int):
+        self.num_frames, self.written = num_frames, 0
+        self.depth: np.ndarray | None = None
+
+    def write(self, depth: np.ndarray) -> None:
+        if self.depth is None:
+            self.depth = np.empty((self.num_frames, *depth.shape[1:]), depth.dtype)
+        self.depth[self.written:self.written + len(depth)] = depth
+        self.written += len(depth)
+
+    def close(self) -> None:
+        pass
+
+    def result(self) -> np.ndarray:
+        return self.depth
+
 
 def infer_video_depth(model: VideoDepthAnything, frames: np.ndarray | Iterable[np.ndarray], *,
                       input_size: int = 518, precision: str | None = None) -> np.ndarray:
@@ -364,6 +388,6 @@ def infer_video_depth(model: VideoDepthAnything, frames: np.ndarray | Iterable[n
     Returns:
       float32 depth ``[N, H, W]`` at the frames' resolution.
     """
-    sink = _ListSink()
+    sink = _ArraySink(len(frames)) if isinstance(frames, Sized) else _ListSink()
     infer_videos(model, [VideoJob(frames, sink)], input_size=input_size, precision=precision)
-    return np.concatenate(sink.chunks)
+    return sink.result()
