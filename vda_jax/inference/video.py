@@ -112,32 +112,32 @@ class _Slot:
         """Stops reading (the decode thread ends before this returns)."""
         self.frames.close()
 
-    def next_window(self, placeholder: np.ndarray) -> tuple[np.ndarray, int]:
-        """The inputs of the slot's next window ``[32, H, W, 3]`` and how many are real frames.
+    def fill_window(self, inputs: np.ndarray) -> int:
+        """Writes the slot's next window's inputs into ``inputs`` (``[32, H, W, 3]``); returns how
+        many of them are real frames.
 
-        A video's first window reads 32 frames; a later one reads its 22 new frames behind
-        ``placeholder`` (``[10, H, W, 3]``, never read: those inputs' features are carried).
+        A video's first window reads 32 frames; a later one reads its 22 new frames into
+        ``inputs[10:]`` and leaves the first 10 as they are (never read: those inputs'
+        features are carried).
         """
-        if self.window == 0:
-            return self.take(window.WINDOW_FRAMES)
-        frames, real = self.take(window.STRIDE)
-        return np.concatenate([placeholder, frames]), window.OVERLAP_FRAMES + real
+        start = 0 if self.window == 0 else window.OVERLAP_FRAMES
+        return start + self.take(inputs[start:])
 
-    def take(self, count: int) -> tuple[np.ndarray, int]:
-        """The next ``count`` frames (the last real frame repeated once the video has ended) and
-        how many of them are real."""
-        out = []
-        for frame in itertools.islice(self.frames, count):
+    def take(self, out: np.ndarray) -> int:
+        """Writes the next ``len(out)`` frames into ``out`` (the last real frame repeated once the
+        video has ended); returns how many of them are real."""
+        real = 0
+        for frame in itertools.islice(self.frames, len(out)):
             if frame.shape != (*self.frame_size, 3):
                 raise ValueError(f"{self.job.name}: frame {self.read} is {frame.shape}, expected "
                                  f"{(*self.frame_size, 3)}; all frames of a video must share one size")
-            out.append(frame)
+            out[real], self.last = frame, frame
+            real += 1
             self.read += 1
-        if self.last is None and not out:
+        if self.last is None:
             raise ValueError(f"{self.job.name}: the video has no frames")
-        self.last, real = (out[-1] if out else self.last), len(out)
-        out.extend([self.last] * (count - real))
-        return np.stack(out), real
+        out[real:] = self.last
+        return real
 
     @property
     def has_next_window(self) -> bool:
@@ -228,16 +228,14 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
         if (job := next(jobs, None)) is not None:
             slots[i] = _Slot(next(counter), job, runner.frame_size)  # starts decoding it
 
-    def next_frames(i: int) -> tuple[np.ndarray, int]:
+    def next_frames(i: int, inputs: np.ndarray) -> int:
         while slots[i]:
             try:
-                return slots[i].next_window(placeholder)
+                return slots[i].fill_window(inputs)
             except (ValueError, OSError) as e:
                 fail(i, e)
-        return idle, 0
+        return 0  # an idle slot: its inputs are not read
 
-    idle = np.zeros((window.WINDOW_FRAMES, *runner.frame_size, 3), np.uint8)
-    placeholder = idle[:window.OVERLAP_FRAMES]
     try:
         for i in range(runner.slots):
             assign(i)
@@ -249,15 +247,22 @@ def _run_group(runner: WindowRunner, jobs: Iterator[VideoJob], on_frames: Callab
 
 
 def _run_slots(runner: WindowRunner, slots: list[_Slot | None], assign: Callable[[int], None],
-               next_frames: Callable[[int], np.ndarray], on_frames: Callable[[int], None]) -> None:
-    """Steps until every slot is empty, collecting each step's depths while the next one runs."""
+               next_frames: Callable[[int, np.ndarray], int], on_frames: Callable[[int], None]) -> None:
+    """Steps until every slot is empty, collecting each step's depths while the next one runs.
+
+    The frames go into two host buffers in turn: a step's transfer may read its buffer until
+    the step is done, and the step two back is collected before a buffer is filled again.
+    """
+    buffers = [np.zeros((runner.slots, window.WINDOW_FRAMES, *runner.frame_size, 3), np.uint8) for _ in range(2)]
     in_flight = None  # (output, [(slot index, slot, window index, ended)]) of the last dispatched step
     while any(slots) or in_flight:
         dispatched = None
         if any(slots):
-            frames, real = zip(*(next_frames(i) for i in range(runner.slots)))  # may move a slot on
+            inputs = buffers.pop(0)
+            buffers.append(inputs)
+            real = [next_frames(i, inputs[i]) for i in range(runner.slots)]  # may move a slot on
             first = np.array([bool(s) and s.window == 0 for s in slots])
-            out = runner.step(np.stack(frames), first, np.array(real, np.int32))
+            out = runner.step(inputs, first, np.array(real, np.int32))
             info = []
             for i, s in enumerate(slots):
                 if s:
