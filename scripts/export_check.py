@@ -3,8 +3,8 @@
 Reports the export time, the model file size, the relative error of the exported
 ONNX clip model against the float32 JAX model at a non-square size, and the steady
 CPU milliseconds per frame and peak resident memory of onnxruntime and of two JAX
-forwards of the clip: ``jax`` one frame at a time through the per-frame parts (the
-CPU default) and ``jax_clip`` all frames at once (``graphs.clip_function``, what the
+forwards of the clip: ``jax`` in chunks of frames through the per-frame parts (the
+CPU default, ``default_chunk_bytes``) and ``jax_clip`` all frames at once (``graphs.clip_function``, what the
 ONNX graph computes); each runs in a process of its own (peak RSS includes loading
 the model); then the same errors and a NaN/inf check for the reduced-precision
 StableHLO export.
@@ -64,14 +64,18 @@ else:
     from flax import nnx
     from vda_jax.checkpoint import load_checkpoint
     from vda_jax.export import graphs
+    from vda_jax.models.vda import compute_model
     jax.config.update("jax_default_matmul_precision", "highest")
     loaded = load_checkpoint(model)
     if side == "jax_clip":
         fn = graphs.clip_function(loaded)
         run = lambda: np.asarray(fn(frames))
-    else:  # one frame at a time, the CPU default (vda_jax.models.vda.default_chunk_bytes)
-        graphdef, params = nnx.split(loaded)
-        fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, frames_per_chunk=1))
+    else:  # in chunks of frames, the CPU default (vda_jax.models.vda.default_chunk_bytes)
+        graphdef, params = nnx.split(compute_model(loaded, "fp32"))
+        def forward(p, x):
+            model = nnx.merge(graphdef, p)
+            return model(x, model.frames_per_chunk(x.shape[2:4]))
+        fn = jax.jit(forward)
         run = lambda: np.asarray(fn(params, frames))
 np.save(out, run())
 start = time.perf_counter()

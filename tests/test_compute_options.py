@@ -9,9 +9,10 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vda_jax import precision
-from vda_jax.devices import GIB, Platform
+from vda_jax.config import model_config
+from vda_jax.devices import GIB, MIB, Platform
 from vda_jax.models.layers import attention, chunk_frames, default_attention, map_frames
-from vda_jax.models.vda import compute_model, default_chunk_bytes
+from vda_jax.models.vda import FrameChunks, VideoDepthAnything, compute_model, default_chunk_bytes, frame_bytes
 
 
 @pytest.mark.parametrize("implementation", ["xla", "cudnn"])
@@ -29,15 +30,28 @@ def test_defaults_follow_the_platform():
     unknown_gpu = Platform("rocm")
     assert [default_attention(p) for p in (cpu, h100, v5e, unknown_gpu)] == ["einsum", "cudnn", "xla", "xla"]
     assert [precision.default_precision(p) for p in (cpu, h100, v5e)] == ["fp32", "bf16", "bf16"]
-    # A 40th of a device's memory per chunk of frames; one frame at a time on CPU.
-    assert [default_chunk_bytes(p) for p in (cpu, h100, v5e, unknown_gpu)] == [0, 2 * GIB, 16 * GIB // 40, 2 * GIB]
+    # A 40th of a device's memory per chunk of frames; what stays in a last-level cache on CPU.
+    assert [default_chunk_bytes(p) for p in (cpu, h100, v5e, unknown_gpu)] == [12 * MIB, 2 * GIB, 16 * GIB // 40,
+                                                                                 2 * GIB]
     assert chunk_frames(100, 0) == 1 and chunk_frames(100, 1000) == 10
+
+
+def test_each_per_frame_part_gets_its_own_chunk():
+    # vits at 112x196: the encoder's frame (~3 MiB) is a sixth of the head's (~18 MiB).
+    def chunks(chunk_bytes):
+        model = nnx.eval_shape(lambda: VideoDepthAnything(model_config("vits"), chunk_bytes=chunk_bytes))
+        return model.frames_per_chunk((112, 196))
+
+    encoder, head = frame_bytes(model_config("vits"), (112, 196), jnp.float32)
+    assert chunks(12 * MIB) == FrameChunks(4, 1)
+    assert 4 * encoder <= 12 * MIB < 5 * encoder and head > 12 * MIB
+    assert chunks(0) == FrameChunks(1, 1) and chunks(64 * MIB) == FrameChunks(22, 3)
 
 
 def test_platform_of_devices(tiny_model):
     assert Platform.of() == Platform.of(jax.devices()[:1]) == Platform("cpu")
     model = compute_model(tiny_model, devices=jax.devices()[:2])
-    assert (model.encoder.dtype, model.attention, model.chunk_bytes) == (jnp.float32, "einsum", 0)
+    assert (model.encoder.dtype, model.attention, model.chunk_bytes) == (jnp.float32, "einsum", 12 * MIB)
 
 
 def test_fp32_matmuls_run_at_highest_precision():

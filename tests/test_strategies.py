@@ -6,8 +6,10 @@ import pytest
 from flax import nnx
 
 from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from vda_jax.devices import Platform
 from vda_jax.eval import strategies
 from vda_jax.inference.video import infer_video_depth
+from vda_jax.models.vda import FrameChunks, default_chunk_bytes
 
 SIZE = 28  # frames of SIZE x SIZE at input_size SIZE: a 2x2 patch grid, no resize
 CONTENT = 0.5
@@ -33,10 +35,11 @@ class ClipStub(nnx.Module):
         self.config = ModelConfig(embed_dim=8, num_heads=1)
         self.encoder = _Encoder()
         # VideoDepthAnything's compute options, at their CPU defaults.
-        self.matmul_precision, self.attention, self.chunk_bytes, self.frame_sharding = "highest", "einsum", 0, None
+        self.matmul_precision, self.attention, self.frame_sharding = "highest", "einsum", None
+        self.chunk_bytes = default_chunk_bytes(Platform("cpu"))
 
     def frames_per_chunk(self, net_size):
-        return 1
+        return FrameChunks(1, 1)
 
     def encode(self, frames, frames_per_chunk=None, remat=False, active=None, prepare=None):
         frames = frames if prepare is None else prepare(frames)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 
+MIB = 2**20
 GIB = 2**30
 
 

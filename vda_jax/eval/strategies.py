@@ -48,9 +48,9 @@ def windows(num_frames: int, overlap: int) -> list[Window]:
 @nnx.jit(static_argnames="net_size")
 def _window_depth(model: VideoDepthAnything, frames: jax.Array, net_size: tuple[int, int]) -> jax.Array:
     """uint8 ``[32, H, W, 3]`` -> depth ``[32, H, W]`` at the frames' resolution."""
-    chunk = model.frames_per_chunk(net_size)
-    features = model.encode(preprocess(frames, net_size), chunk)
-    depth, _ = model.decode(features, frames.shape[0], net_size, frames_per_chunk=chunk)
+    chunks = model.frames_per_chunk(net_size)
+    features = model.encode(preprocess(frames, net_size), chunks.encoder)
+    depth, _ = model.decode(features, frames.shape[0], net_size, frames_per_chunk=chunks.head)
     return resize_bilinear_align_corners(depth[0], frames.shape[1:3], axes=(-2, -1))
 
 

@@ -154,7 +154,8 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
       The new state and the windows' depths ``[B, 32, H, W]`` (see the module's docstring).
     """
     b, t, height, width, _ = frames.shape
-    encoded = model.encode(frames.reshape(b * t, height, width, 3), model.frames_per_chunk(net_size),
+    chunks = model.frames_per_chunk(net_size)
+    encoded = model.encode(frames.reshape(b * t, height, width, 3), chunks.encoder,
                            active=encoded_positions(first, real).reshape(-1),
                            prepare=lambda x: preprocess(x, net_size))
     source = jnp.maximum(jnp.minimum(jnp.arange(t), real[:, None] - 1), 0)  # [B, 32]: the padding's copies
@@ -167,7 +168,7 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
 
     features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
     depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features),
-                            WINDOW_FRAMES, net_size, frames_per_chunk=model.frames_per_chunk(net_size))
+                            WINDOW_FRAMES, net_size, frames_per_chunk=chunks.head)
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, 0, None, None))
     out, affine = align(depth, state.anchor, state.previous, state.affine, first, (height, width), model.config.metric)
     anchor = jnp.where(first[:, None, None], depth[:, 0], state.anchor)

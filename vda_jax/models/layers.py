@@ -74,7 +74,7 @@ def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None,
 
     ``xs`` is a pytree of arrays sharing a leading frame axis, as is ``fn``'s output.
     Chunks bound the memory of the intermediates and, on CPU, keep them in cache
-    (one frame at a time runs the vits encoder ~1.8x faster than 16 at once). None
+    (``vda.default_chunk_bytes``). None
     (or a chunk covering every frame) calls ``fn`` once on all frames.
 
     ``sharding``: how the frame axis is split over devices (contiguous blocks, e.g.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import chex
 import jax
@@ -12,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from vda_jax.config import ModelConfig
-from vda_jax.devices import GIB, Platform
+from vda_jax.devices import GIB, MIB, Platform
 from vda_jax.models.dpt import DPTHead
 from vda_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dtype, chunk_frames, default_attention, map_frames
 from vda_jax.models.temporal import Cache
@@ -31,8 +32,8 @@ class VideoDepthAnything(nnx.Module):
       matmul_precision: ``jax.default_matmul_precision`` of the model's matmuls and
         convolutions ("highest": true float32 on every backend; None: JAX's default).
       attention: the encoder's attention implementation (``layers.ATTENTION_IMPLEMENTATIONS``).
-      chunk_bytes: per-device bytes the per-frame parts may use at a time at inference
-        (``frames_per_chunk``); 0 runs them one frame at a time.
+      chunk_bytes: per-device bytes each per-frame part (the encoder, the head's end) may use
+        at a time at inference (``frames_per_chunk``); 0 runs them one frame at a time.
       frame_sharding: how the frame axis given to ``encode`` / ``decode`` is split over
         devices (e.g. ``NamedSharding(mesh, P("data"))``), or None; chunks then take frames
         from every device at once (``map_frames``), so no collectives run in the loop.
@@ -58,9 +59,10 @@ class VideoDepthAnything(nnx.Module):
             return contextlib.nullcontext()
         return jax.default_matmul_precision(self.matmul_precision)
 
-    def frames_per_chunk(self, net_size: tuple[int, int]) -> int:
-        """Frames the per-frame parts take at a time at ``net_size`` so they stay within ``chunk_bytes``."""
-        return chunk_frames(frame_bytes(self.config, net_size, self.encoder.dtype), self.chunk_bytes)
+    def frames_per_chunk(self, net_size: tuple[int, int]) -> FrameChunks:
+        """Frames each per-frame part takes at a time at ``net_size`` to stay within ``chunk_bytes``."""
+        encoder, head = frame_bytes(self.config, net_size, self.encoder.dtype)
+        return FrameChunks(chunk_frames(encoder, self.chunk_bytes), chunk_frames(head, self.chunk_bytes))
 
     def encode(self, frames: jax.Array, frames_per_chunk: int | None = None, remat: bool = False,
                active: jax.Array | None = None,
@@ -91,13 +93,14 @@ class VideoDepthAnything(nnx.Module):
         depth = jax.nn.relu(depth)
         return depth.reshape(-1, num_frames, *image_size), new_cache
 
-    def __call__(self, frames: jax.Array, frames_per_chunk: int | None = None) -> jax.Array:
+    def __call__(self, frames: jax.Array, frames_per_chunk: int | FrameChunks | None = None) -> jax.Array:
         """Depth of clips.
 
         Args:
           frames: ``[B, T, H, W, 3]`` ImageNet-normalised RGB, H and W multiples of 14,
             1 <= T <= ``config.num_frames`` (T = 1 is image mode).
-          frames_per_chunk: frames the per-frame parts run at a time (``map_frames``).
+          frames_per_chunk: frames the per-frame parts run at a time (``map_frames``): one
+            number for both, or ``FrameChunks`` (e.g. ``frames_per_chunk(net_size)``).
         Returns:
           ``[B, T, H, W]`` float32 depth (relative: larger is nearer; metric: metres).
         """
@@ -106,12 +109,26 @@ class VideoDepthAnything(nnx.Module):
         if c != 3 or not 1 <= t <= self.config.num_frames:
             raise ValueError(f"expected frames [B, T, H, W, 3] with 1 <= T <= {self.config.num_frames}, "
                              f"got shape {frames.shape}")
-        features = self.encode(frames.reshape(b * t, h, w, c), frames_per_chunk)
-        return self.decode(features, t, (h, w), frames_per_chunk=frames_per_chunk)[0]
+        if not isinstance(frames_per_chunk, FrameChunks):
+            frames_per_chunk = FrameChunks(frames_per_chunk, frames_per_chunk)
+        features = self.encode(frames.reshape(b * t, h, w, c), frames_per_chunk.encoder)
+        return self.decode(features, t, (h, w), frames_per_chunk=frames_per_chunk.head)[0]
 
 
-def frame_bytes(config: ModelConfig, net_size: tuple[int, int], dtype: Dtype) -> int:
-    """A rough upper estimate of one frame's peak intermediate bytes in the encoder or the head's per-frame end."""
+class FrameChunks(NamedTuple):
+    """Frames (per device) the encoder and the head's per-frame end run at a time (None: all)."""
+    encoder: int | None
+    head: int | None
+
+
+class FrameBytes(NamedTuple):
+    """One frame's peak intermediate bytes in the encoder and in the head's per-frame end."""
+    encoder: int
+    head: int
+
+
+def frame_bytes(config: ModelConfig, net_size: tuple[int, int], dtype: Dtype) -> FrameBytes:
+    """A rough upper estimate of one frame's peak intermediate bytes in each per-frame part."""
     size = jnp.dtype(dtype).itemsize
     ph, pw = net_size[0] // config.patch_size, net_size[1] // config.patch_size
     tokens, dim = ph * pw + 1, config.embed_dim
@@ -122,16 +139,21 @@ def frame_bytes(config: ModelConfig, net_size: tuple[int, int], dtype: Dtype) ->
     # size and cast to float32, the float32 output convolutions.
     feats, pixels = config.features, net_size[0] * net_size[1]
     head = 4 * (8 * ph) * (8 * pw) * feats * size + pixels * (feats // 2) * (size + 4) + 2 * pixels * 32 * 4
-    return max(encoder, head)
+    return FrameBytes(encoder, head)
 
 
 def default_chunk_bytes(platform: Platform) -> int:
-    """``chunk_bytes`` for a program's devices (``Platform.of``): one frame at a time on CPU (the working
-    set stays in cache: vits at 280x378, encoder 173 -> 93 ms a frame, head 80 -> 49 ms); on accelerators
-    1/40 of a device's memory (2 GiB on an 80 GiB H100, 0.4 GiB on a 16 GiB TPU v5e), 2 GiB where the
-    memory is unknown."""
+    """``chunk_bytes`` for a program's devices (``Platform.of``).
+
+    CPU: 12 MiB, so a chunk's working set stays in a server CPU's last-level cache: 4 frames
+    of the vits encoder at 112x196, 2 at 140x252, 1 from 196x350 on (where one frame alone
+    is fastest). A window step on a 2-core EPYC with 32 MiB of L3 (Tokyo 720p @112, 22 frames
+    encoded; davis 540p @140): 1352 ms vs 1463 ms one frame at a time; 2063 vs 2157 ms.
+    Accelerators: 1/40 of a device's memory (2 GiB on an 80 GiB H100, 0.4 GiB on a 16 GiB
+    TPU v5e), 2 GiB where the memory is unknown.
+    """
     if platform.kind == "cpu":
-        return 0
+        return 12 * MIB
     return 2 * GIB if platform.memory_bytes is None else platform.memory_bytes // 40
 
 
