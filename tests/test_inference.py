@@ -1,6 +1,7 @@
 """Long-video inference against the official pipeline, batching, feature reuse and bad input."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from vda_jax.convert.convert import convert_state_dict
@@ -9,6 +10,7 @@ from vda_jax.convert.readers import read_checkpoint
 from vda_jax.config import ModelConfig
 from vda_jax.inference import video, window
 from vda_jax.inference.preprocess import network_size
+from vda_jax.models import vda
 from vda_jax.models.vit import DinoVisionTransformer
 
 CASES = ["n75_72x96_s70", "n20_72x96_s70", "n54_64x64_s56"]
@@ -45,7 +47,12 @@ def test_lazy_frames_and_no_recompile_across_lengths(tiny_model, fixtures):
     np.testing.assert_array_equal(video.infer_video_depth(tiny_model, iter(frames), input_size=70), whole)
 
 
-def test_every_frame_is_encoded_once(tiny_model, fixtures, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_every_frame_is_encoded_once(tiny_model, fixtures, monkeypatch, chunk):
+    # Chunks of 1 or 2 frames: a chunk runs when one of its frames is new, and 2 divides both the
+    # 10 carried inputs and the 32 of a window (larger chunks may also encode carried ones).
+    encoder_bytes = vda.frame_bytes(tiny_model.config, (56, 56), jnp.float32).encoder
+    monkeypatch.setattr(vda, "default_chunk_bytes", lambda platform: chunk * encoder_bytes)
     encoded = []
     original = DinoVisionTransformer.__call__
 
