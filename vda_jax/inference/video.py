@@ -258,8 +258,8 @@ def _run_slots(runner: WindowRunner, slots: list[_Slot | None], assign: Callable
     while any(slots) or in_flight:
         dispatched = None
         if any(slots):
-            inputs = buffers.pop(0)
-            buffers.append(inputs)
+            buffers.reverse()
+            inputs = buffers[0]
             real = [next_frames(i, inputs[i]) for i in range(runner.slots)]  # may move a slot on
             first = np.array([bool(s) and s.window == 0 for s in slots])
             out = runner.step(inputs, first, np.array(real, np.int32))

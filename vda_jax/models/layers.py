@@ -74,8 +74,8 @@ def map_frames(fn: Callable[[Any], Any], xs: Any, frames_per_chunk: int | None,
 
     ``xs`` is a pytree of arrays sharing a leading frame axis, as is ``fn``'s output.
     Chunks bound the memory of the intermediates and, on CPU, keep them in cache
-    (``vda.default_chunk_bytes``). None
-    (or a chunk covering every frame) calls ``fn`` once on all frames.
+    (``vda.default_chunk_bytes``). None (or a chunk covering every frame) calls ``fn``
+    once on all frames.
 
     ``sharding``: how the frame axis is split over devices (contiguous blocks, e.g.
     ``NamedSharding(mesh, P("data"))``), or None. The frames are then laid out
