@@ -12,7 +12,14 @@ from vda_jax import precision
 from vda_jax.config import model_config
 from vda_jax.devices import GIB, MIB, Platform
 from vda_jax.models.layers import attention, chunk_frames, default_attention, map_frames
-from vda_jax.models.vda import FrameChunks, VideoDepthAnything, compute_model, default_chunk_bytes, frame_bytes
+from vda_jax.models.vda import (
+    FrameChunks,
+    VideoDepthAnything,
+    compute_model,
+    default_chunk_bytes,
+    frame_bytes,
+    with_options,
+)
 
 
 @pytest.mark.parametrize("implementation", ["xla", "cudnn"])
@@ -46,6 +53,17 @@ def test_each_per_frame_part_gets_its_own_chunk():
     assert chunks(12 * MIB) == FrameChunks(4, 1)
     assert 4 * encoder <= 12 * MIB < 5 * encoder and head > 12 * MIB
     assert chunks(0) == FrameChunks(1, 1) and chunks(64 * MIB) == FrameChunks(22, 3)
+
+
+@pytest.mark.parametrize("options", [dict(chunk_bytes=5 * MIB, matmul_precision=None),
+                                     dict(dtype=jnp.bfloat16, attention="xla", chunk_bytes=MIB)])
+def test_with_options_matches_a_model_built_with_them(tiny_model, options):
+    changed = with_options(tiny_model, **options)
+    built = nnx.eval_shape(lambda: VideoDepthAnything(tiny_model.config, **options))
+    assert nnx.graphdef(changed) == nnx.graphdef(built)
+    assert nnx.graphdef(tiny_model) == nnx.graphdef(nnx.eval_shape(lambda: VideoDepthAnything(tiny_model.config)))
+    shared = jax.tree.leaves(nnx.state(changed)), jax.tree.leaves(nnx.state(tiny_model))
+    assert all(a is b for a, b in zip(*shared, strict=True))  # the parameters, not copies
 
 
 def test_platform_of_devices(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -157,14 +158,34 @@ def default_chunk_bytes(platform: Platform) -> int:
     return 2 * GIB if platform.memory_bytes is None else platform.memory_bytes // 40
 
 
+_TOP_LEVEL_OPTIONS = ("matmul_precision", "chunk_bytes", "frame_sharding")  # read by this class's methods only
+
+
 def with_options(model: VideoDepthAnything, **options) -> VideoDepthAnything:
-    """The same parameters (shared, not copied) with some compute options changed (see the class)."""
+    """The same parameters (shared, not copied) with some compute options changed (see the class).
+
+    Options the submodules hold (``dtype``, ``attention``) take a new graph, built once per
+    model config and options; the others are set on a copy of the module tree (milliseconds:
+    building a graph abstractly takes seconds).
+    """
     current = dict(dtype=model.encoder.dtype, matmul_precision=model.matmul_precision, attention=model.attention,
                    chunk_bytes=model.chunk_bytes, frame_sharding=model.frame_sharding)
-    if {**current, **options} == current:
+    options = {**current, **options}
+    if options == current:
         return model
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VideoDepthAnything(model.config, **{**current, **options})))
-    return nnx.merge(graphdef, nnx.state(model))
+    if (options["dtype"], options["attention"]) == (current["dtype"], current["attention"]):
+        graphdef = nnx.graphdef(model)
+    else:
+        graphdef = _graphdef(model.config, options["dtype"], options["attention"])
+    copy = nnx.merge(graphdef, nnx.state(model))
+    for name in _TOP_LEVEL_OPTIONS:
+        setattr(copy, name, options[name])
+    return copy
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdef(config: ModelConfig, dtype: Dtype, attention: str) -> nnx.GraphDef:
+    return nnx.graphdef(nnx.eval_shape(lambda: VideoDepthAnything(config, dtype=dtype, attention=attention)))
 
 
 def compute_model(model: VideoDepthAnything, precision: str | None = None, *,
