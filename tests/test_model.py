@@ -25,6 +25,25 @@ def test_forward_matches_official(tiny_model, fixtures):
     assert np.abs(depth - ref["depth"]).max() <= 1e-5 * np.abs(ref["depth"]).max()
 
 
+def test_head_skips_inactive_frames_only_in_its_per_frame_end(tiny_model, fixtures):
+    ref = np.load(fixtures / "tiny_forward.npz")
+    x = jnp.asarray(ref["x"]).transpose(0, 1, 3, 4, 2)
+    b, t = x.shape[:2]
+    active = np.arange(b * t) % t < 2  # per clip: the first two frames
+    graphdef, state = nnx.split(tiny_model)
+
+    def depth(state, x):
+        model = nnx.merge(graphdef, state)
+        features = model.encode(x.reshape(b * t, *x.shape[2:]))
+        return model.decode(features, t, x.shape[2:4], frames_per_chunk=1, active=jnp.asarray(active))[0]
+
+    out = np.asarray(jax.jit(depth)(state, x)).reshape(b * t, *x.shape[2:4])
+    expected = ref["depth"].reshape(out.shape)
+    # The temporal layers saw every frame: the active ones are the official's.
+    assert np.abs(out[active] - expected[active]).max() <= 1e-5 * np.abs(expected).max()
+    assert not np.any(out[~active])
+
+
 def test_image_checkpoint_gives_the_image_model_per_frame(fixtures):
     """A Depth Anything V2 checkpoint -> identity temporal layers -> the image model's depths."""
     config = config_from_json(str(fixtures / "tiny_architecture.json"))

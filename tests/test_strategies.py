@@ -47,7 +47,7 @@ class ClipStub(nnx.Module):
         mean = frames[:, :1, :1].mean(axis=(1, 2, 3))[:, None, None, None]
         return (jnp.broadcast_to(mean, (n, h // 14, w // 14, self.config.embed_dim)),) * 4
 
-    def decode(self, features, num_frames, image_size, cache=None, frames_per_chunk=None):
+    def decode(self, features, num_frames, image_size, cache=None, frames_per_chunk=None, active=None):
         m = features[0][:, 0, 0, 0].reshape(-1, num_frames, 1, 1)
         ramp = 1.0 + jnp.linspace(0.0, 1.0, image_size[1])
         depth = (2.0 + m[:, :1]) * (ramp + CONTENT * m)

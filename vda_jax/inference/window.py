@@ -148,7 +148,9 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
       first: bool ``[B]``, the slot's first window.
       real: int32 ``[B]``, how many inputs are frames of the video (0: an idle slot). The
         rest repeat the last one (the official padding), so they are not encoded: the
-        encoder is per-frame and their features are copies of the last frame's.
+        encoder is per-frame and their features are copies of the last frame's. The
+        head's temporal layers see them; its per-frame end skips them (depth 0: the
+        frames past a video's end are never output).
       net_size: network input (h, w), multiples of 14.
     Returns:
       The new state and the windows' depths ``[B, 32, H, W]`` (see the module's docstring).
@@ -167,8 +169,8 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
         return jax.vmap(lambda f, i: f[i])(features, source)
 
     features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
-    depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features),
-                            WINDOW_FRAMES, net_size, frames_per_chunk=chunks.head)
+    depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features), WINDOW_FRAMES, net_size,
+                            frames_per_chunk=chunks.head, active=(jnp.arange(t) < real[:, None]).reshape(-1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, 0, None, None))
     out, affine = align(depth, state.anchor, state.previous, state.affine, first, (height, width), model.config.metric)
     anchor = jnp.where(first[:, None, None], depth[:, 0], state.anchor)

@@ -73,7 +73,8 @@ class DPTHead(nnx.Module):
 
     def __call__(self, features: tuple[jax.Array, ...], num_frames: int, cache: Cache | None = None,
                  frames_per_chunk: int | None = None, remat: bool = False,
-                 frame_sharding: NamedSharding | None = None) -> tuple[jax.Array, Cache]:
+                 frame_sharding: NamedSharding | None = None,
+                 active: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """Decodes depth.
 
         Args:
@@ -88,6 +89,9 @@ class DPTHead(nnx.Module):
           remat: rematerialise in the backward pass each temporal layer, each fusion block
             and each chunk of the per-frame end (only their inputs are kept).
           frame_sharding: how the frame axis is split over devices (see ``map_frames``).
+          active: bool ``[B*T]``, the frames whose depth is needed, or None (all): chunks of
+            the per-frame end without one are skipped and give zeros (``map_frames``). The
+            temporal layers still see every frame.
         Returns:
           Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU) and, for
           streaming, the new frames' temporal keys and values (16 arrays ``[B, T, S, D]``; a clip: ``()``).
@@ -117,7 +121,7 @@ class DPTHead(nnx.Module):
         path = temporal(3, path)
         output_size = (ph * self.patch_size, pw * self.patch_size)
         fine = checkpointed(lambda x: self._fine(x, output_size, remat), remat)
-        out = map_frames(fine, (path, rn[1], rn[0]), frames_per_chunk, frame_sharding)
+        out = map_frames(fine, (path, rn[1], rn[0]), frames_per_chunk, frame_sharding, active)
         return out, tuple(new_cache)
 
     def _fine(self, fine: tuple[jax.Array, jax.Array, jax.Array], output_size: tuple[int, int],

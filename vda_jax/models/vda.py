@@ -83,13 +83,15 @@ class VideoDepthAnything(nnx.Module):
 
     def decode(self, features: tuple[jax.Array, ...], num_frames: int, image_size: tuple[int, int],
                cache: Cache | None = None, frames_per_chunk: int | None = None,
-               remat: bool = False) -> tuple[jax.Array, Cache]:
+               remat: bool = False, active: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """Head + final resize: features of ``B*T`` frames -> depth ``[B, T, H, W]`` and temporal keys/values.
 
-        ``cache``, ``frames_per_chunk`` and ``remat`` are ``DPTHead``'s (``cache=()`` starts a stream).
+        ``cache``, ``frames_per_chunk``, ``remat`` and ``active`` are ``DPTHead``'s (``cache=()``
+        starts a stream).
         """
         with self._precision():
-            depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk, remat, self.frame_sharding)
+            depth, new_cache = self.head(features, num_frames, cache, frames_per_chunk, remat, self.frame_sharding,
+                                         active)
             depth = resize_bilinear_align_corners(depth[..., None], image_size)[..., 0]
         depth = jax.nn.relu(depth)
         return depth.reshape(-1, num_frames, *image_size), new_cache
