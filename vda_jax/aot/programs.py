@@ -86,11 +86,11 @@ def stream_step(config: ModelConfig, precision: str, frame_size: tuple[int, int]
     """One streaming step (a new frame over 31 cached ones) on the target's first device."""
     device = NamedSharding(jax.make_mesh((1,), ("data",), devices=target.devices[:1]), P())
     graphdef, params = _inference_params(config, precision, target.devices[:1])
-    start, step = stream._compiled(graphdef, net_size)
     frame = jax.ShapeDtypeStruct((*frame_size, 3), jnp.uint8, sharding=device)
     params = _abstract(params, jax.tree.map(lambda _: device, params))
-    state, _ = jax.eval_shape(start, params, frame)
-    return step.trace(params, _abstract(state, jax.tree.map(lambda _: device, state)), frame)
+    state = stream.state_shapes(nnx.merge(graphdef, params), net_size)
+    return stream._compiled(graphdef, net_size).trace(params, _abstract(state, jax.tree.map(lambda _: device, state)),
+                                                      frame)
 
 
 # jaxlib 0.10's XLA:GPU cannot tile some small Triton GEMM fusions with its untuned default

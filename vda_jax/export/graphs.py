@@ -31,36 +31,19 @@ def clip_function(model: VideoDepthAnything) -> Callable[[jax.Array], jax.Array]
     return jax.jit(lambda frames: nnx.merge(graphdef, params)(frames, frames_per_chunk=None).astype(jnp.float32))
 
 
-def ring_specs(model: VideoDepthAnything, net_size: tuple[int, int]) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """Shapes of the streaming ring: 16 arrays ``[1, RING_SLOTS, S, D]`` (keys and values) in the compute dtype."""
-    frame = jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32)
-    states = jax.eval_shape(lambda f: model.decode(model.encode(f), 1, net_size, ())[1], frame)
-    return tuple(jax.ShapeDtypeStruct((1, stream.RING_SLOTS, *s.shape[2:]), s.dtype) for s in states)
-
-
 def stream_function(model: VideoDepthAnything, net_size: tuple[int, int]) -> Callable[..., tuple[jax.Array, ...]]:
     """``(frame, step, *ring) -> (depth, step + 1, *ring)``, the first frame (step 0) seeding the ring."""
     graphdef, params = nnx.split(model)
 
     def step_fn(frame: jax.Array, step: jax.Array, *ring: jax.Array) -> tuple[jax.Array, ...]:
         model = nnx.merge(graphdef, params)
-        features = model.encode(frame)
-
-        def first(_):  # the official stream computes its first frame alone
-            depth, states = model.decode(features, 1, net_size, ())
-            return depth, tuple(jnp.broadcast_to(s.astype(r.dtype), r.shape) for s, r in zip(states, ring))
-
-        def later(_):
-            depth, states = model.decode(features, 1, net_size, stream.read_context(ring, step))
-            return depth, stream.write_frame(ring, step, states)
-
-        depth, new_ring = jax.lax.cond(step == 0, first, later, None)
-        return depth[:, 0].astype(jnp.float32), step + 1, *new_ring
+        state, depth = stream.decode_next(model, model.encode(frame), stream.StreamState(ring, step), net_size)
+        return depth[:, 0].astype(jnp.float32), state.step, *state.ring
 
     return jax.jit(step_fn)
 
 
 def stream_specs(model: VideoDepthAnything, net_size: tuple[int, int]) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The streaming function's inputs: frame, step, then the ring."""
-    return (jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32),
-            *ring_specs(model, net_size))
+    state = stream.state_shapes(model, net_size)
+    return (jax.ShapeDtypeStruct((1, *net_size, 3), jnp.float32), state.step, *state.ring)

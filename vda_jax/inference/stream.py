@@ -17,9 +17,10 @@ the device in a fixed ring of ``RING_SLOTS`` = 42 frames, 16 arrays
 ``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The frames ``k - 41 .. k - 1`` a
 step may read occupy 41 distinct slots, and frame ``k`` overwrites frame
 ``k - 41``, its last reader. The gather indices follow
-from a step counter carried on the device, so the step compiles once per frame
-size (plus once for the seeding first frame) and never retraces; the ring is
-donated from step to step, so it is updated in place.
+from a step counter carried on the device, so one program serves every frame of a
+frame size (the first, computed alone as the official does, seeds the ring: a
+branch on the counter) and never retraces; the ring is donated from step to step,
+so it is updated in place.
 """
 
 from __future__ import annotations
@@ -86,44 +87,60 @@ def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
                  for r, s in zip(ring, states))
 
 
-def _frame_depth(model: VideoDepthAnything, frame: jax.Array, net_size: tuple[int, int],
-                 cache: Cache) -> tuple[jax.Array, Cache]:
-    """uint8 ``[H, W, 3]`` -> float32 depth ``[H, W]`` and the frame's keys and values (16 ``[1, 1, S, D]``)."""
-    features = model.encode(preprocess(frame[None], net_size))
-    depth, states = model.decode(features, 1, net_size, cache)
-    depth = resize_bilinear_align_corners(depth[0, 0].astype(jnp.float32), frame.shape[:2], axes=(0, 1))
-    return depth, states
+def state_shapes(model: VideoDepthAnything, net_size: tuple[int, int]) -> StreamState:
+    """The shapes and dtypes of a stream's state at ``net_size`` (``jax.ShapeDtypeStruct`` leaves).
+
+    Works on a model with abstract parameters too (only the head is traced, on the encoder's
+    output shapes).
+    """
+    config, (graphdef, params) = model.config, nnx.split(model)
+    grid = (1, net_size[0] // config.patch_size, net_size[1] // config.patch_size, config.embed_dim)
+    features = tuple(jax.ShapeDtypeStruct(grid, model.encoder.dtype) for _ in config.intermediate_layers)
+    states = jax.eval_shape(lambda p, f: nnx.merge(graphdef, p).decode(f, 1, net_size, ())[1], params, features)
+    ring = tuple(jax.ShapeDtypeStruct((1, RING_SLOTS, *s.shape[2:]), s.dtype) for s in states)
+    return StreamState(ring, jax.ShapeDtypeStruct((), jnp.int32))
 
 
-def start_stream(model: VideoDepthAnything, frame: jax.Array,
-                 net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
-    """Depth of a stream's first frame (alone) and the ring seeded with its keys and values in every slot."""
-    depth, states = _frame_depth(model, frame, net_size, ())
-    ring = tuple(jnp.broadcast_to(s, (s.shape[0], RING_SLOTS, *s.shape[2:])) for s in states)
-    return StreamState(ring, jnp.ones((), jnp.int32)), depth
+def decode_next(model: VideoDepthAnything, features: tuple[jax.Array, ...], state: StreamState,
+                net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
+    """The head on the stream's next frame: its four ``[1, ph, pw, E]`` encoder outputs -> the new
+    state and its depth ``[1, 1, h, w]`` at the network size.
+
+    The first frame (``state.step == 0``; the ring's contents are ignored) is computed alone, as
+    the official stream does, and its keys and values fill every ring slot; a later frame attends
+    over ``read_context`` and its keys and values go to its slot.
+    """
+
+    def first(ring: Cache) -> tuple[jax.Array, Cache]:
+        depth, states = model.decode(features, 1, net_size, ())
+        return depth, tuple(jnp.broadcast_to(s.astype(r.dtype), r.shape) for s, r in zip(states, ring))
+
+    def later(ring: Cache) -> tuple[jax.Array, Cache]:
+        depth, states = model.decode(features, 1, net_size, read_context(ring, state.step))
+        return depth, write_frame(ring, state.step, states)
+
+    depth, ring = jax.lax.cond(state.step == 0, first, later, state.ring)
+    return StreamState(ring, state.step + 1), depth
 
 
 def stream_step(model: VideoDepthAnything, state: StreamState, frame: jax.Array,
                 net_size: tuple[int, int]) -> tuple[StreamState, jax.Array]:
-    """Depth of the next frame (uint8 ``[H, W, 3]`` -> float32 ``[H, W]``); stores its keys and values."""
-    depth, states = _frame_depth(model, frame, net_size, read_context(state.ring, state.step))
-    ring = write_frame(state.ring, state.step, states)
-    return StreamState(ring, state.step + 1), depth
+    """Depth of the stream's next frame (uint8 ``[H, W, 3]`` -> float32 ``[H, W]``) and the new state
+    (``decode_next``; a stream starts from zeros of ``state_shapes``)."""
+    features = model.encode(preprocess(frame[None], net_size))
+    state, depth = decode_next(model, features, state, net_size)
+    return state, resize_bilinear_align_corners(depth[0, 0].astype(jnp.float32), frame.shape[:2], axes=(0, 1))
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, net_size: tuple[int, int]):
-    """Jitted (start, step) for one model graph and network size; shapes key their own traces."""
+    """The jitted ``stream_step`` for one model graph and network size (frame sizes key their own traces)."""
     compilation_cache.enable()
-
-    def start(params, frame):
-        return start_stream(nnx.merge(graphdef, params), frame, net_size)
 
     def step(params, state, frame):
         return stream_step(nnx.merge(graphdef, params), state, frame, net_size)
 
-    options = compiler_options()
-    return jax.jit(start, compiler_options=options), jax.jit(step, donate_argnums=1, compiler_options=options)
+    return jax.jit(step, donate_argnums=1, compiler_options=compiler_options())
 
 
 class StreamingDepth:
@@ -151,14 +168,17 @@ class StreamingDepth:
         if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frames must be uint8 RGB [H, W, 3], got {frame.dtype} {frame.shape}")
         if self._state is None:
-            start, self._step = _compiled(self._graphdef, network_size(frame.shape[:2], self.input_size))
-            self._state, depth = start(self._params, frame)
+            net_size = network_size(frame.shape[:2], self.input_size)
+            self._step = _compiled(self._graphdef, net_size)
+            shapes = state_shapes(nnx.merge(self._graphdef, self._params), net_size)
+            # Placed like the step's outputs (committed to the device), so the first frame's call
+            # hits the same compiled program as the later ones.
+            self._state = jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), jax.devices()[0])
             self.frame_size = frame.shape[:2]
         elif frame.shape[:2] != self.frame_size:
             raise ValueError(f"frame is {frame.shape[0]}x{frame.shape[1]} but the stream started at "
                              f"{self.frame_size[0]}x{self.frame_size[1]}; resize it or call reset() first")
-        else:
-            self._state, depth = self._step(self._params, self._state, frame)
+        self._state, depth = self._step(self._params, self._state, frame)
         return np.asarray(depth)
 
 
