@@ -442,7 +442,9 @@ def main() -> None:
                         help="video lengths whose peak RSS is measured (each in a fresh process)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--official", help="path to the official Video-Depth-Anything checkout")
-    parser.add_argument("--torch-python", help="a Python with torch and cv2 for --official")
+    parser.add_argument("--torch-python", help="a Python with the official requirements for --official (torch, "
+                        "cv2; for --clip without --in-memory, matplotlib < 3.9: the official save_video uses "
+                        "matplotlib.cm.get_cmap)")
     parser.add_argument("--clip", help="a video file to run end to end against the official pipeline")
     parser.add_argument("--max-len", type=int, default=-1, help="--clip: frames to read (-1: all)")
     parser.add_argument("--streaming", action="store_true", help="--clip: the streaming modes")
