@@ -11,6 +11,7 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,6 +35,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, as would every
+# process it starts (an ignored signal stays ignored across exec); the Ctrl-C tests need Python's default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 AOT_COMPILERS = ("jax_plugins.xla_cuda13", "libtpu")
