@@ -127,14 +127,18 @@ def empty_state(model: VideoDepthAnything, slots: int, net_size: tuple[int, int]
                        np.zeros((slots, len(_PREVIOUS), *net_size), np.float32), np.zeros((slots, 2), np.float32))
 
 
+def real_positions(real: jax.Array) -> jax.Array:
+    """Which window inputs are frames of the video (the rest pad it): bool ``[B, 32]``."""
+    return jnp.arange(WINDOW_FRAMES) < real[:, None]
+
+
 def encoded_positions(first: jax.Array, real: jax.Array) -> jax.Array:
     """Which window inputs a step encodes: bool ``[B, 32]``.
 
     A slot's first window encodes its real inputs; a later one only its real new ones
     (from index 10 on: the first 10 are the previous window's, carried as features).
     """
-    position = jnp.arange(WINDOW_FRAMES)
-    return (position < real[:, None]) & (first[:, None] | (position >= OVERLAP_FRAMES))
+    return real_positions(real) & (first[:, None] | (jnp.arange(WINDOW_FRAMES) >= OVERLAP_FRAMES))
 
 
 def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array, first: jax.Array,
@@ -170,7 +174,7 @@ def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array
 
     features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
     depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features), WINDOW_FRAMES, net_size,
-                            frames_per_chunk=chunks.head, active=(jnp.arange(t) < real[:, None]).reshape(-1))
+                            frames_per_chunk=chunks.head, active=real_positions(real).reshape(-1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, 0, None, None))
     out, affine = align(depth, state.anchor, state.previous, state.affine, first, (height, width), model.config.metric)
     anchor = jnp.where(first[:, None, None], depth[:, 0], state.anchor)
