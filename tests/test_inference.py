@@ -107,3 +107,15 @@ def test_network_size_follows_the_official_rules(frame, size, expected):
 def test_blend_weights_and_window_counts():
     np.testing.assert_allclose(window.blend_weights(), np.arange(8) / 7, rtol=1e-6)
     assert [window.num_windows(n) for n in (1, 22, 23, 75)] == [1, 1, 2, 4]
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 9, 13, 3), (1, 3)])
+def test_window_buffers_are_read_in_place_by_a_cpu_device(shape):
+    """The driver's frame buffers: aligned so a step reads them without copying (they are then
+    refilled only after the step that read them is done)."""
+    buffer = video.aligned_zeros(shape, np.uint8)
+    assert buffer.shape == shape and buffer.dtype == np.uint8 and not buffer.any()
+    assert buffer.ctypes.data % 64 == 0 and buffer.flags.c_contiguous
+    on_device = jax.device_put(buffer, jax.devices("cpu")[0])
+    buffer[(0,) * len(shape)] = 9
+    assert np.asarray(on_device)[(0,) * len(shape)] == 9  # the device array is the host buffer
