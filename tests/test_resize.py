@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vda_jax.models.vit import interpolate_pos_embed
-from vda_jax.ops import resize
+from vda_jax.ops import resize, taps
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,17 @@ def test_cubic_taps_are_a_partition_of_unity_and_identity_at_scale_one():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 5, 2)).astype(np.float32))
     np.testing.assert_array_equal(resize.apply_taps(x, resize.opencv_cubic_taps(6, 6), 0), x)
     np.testing.assert_array_equal(resize.apply_taps(x, resize.bilinear_align_corners_taps(5, 5), 1), x)
+
+
+@pytest.mark.parametrize("size", [(20, 11), (56, 70), (30, 30)])  # (30, 30): the width is kept
+def test_uint8_frames_resize_to_float32_as_their_float32_copy(size):
+    """Each tap reads the uint8 rows as float32 (then weighs them as before): the same sums as
+    resizing the frames converted first, on the device and in NumPy."""
+    frames = np.random.default_rng(2).integers(0, 256, size=(2, 33, 30, 3), dtype=np.uint8)
+    expected = np.asarray(resize.resize_opencv_cubic(jnp.asarray(frames, jnp.float32), size))
+    out = resize.resize_opencv_cubic(jnp.asarray(frames), size, dtype=jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    host = taps.resize_2d(frames, size, (-3, -2), taps.opencv_cubic_taps, dtype=np.float32)
+    assert host.dtype == np.float32
+    np.testing.assert_allclose(host, expected, rtol=1e-6, atol=1e-4)  # float32 sums in another order: 1e-4 of 255

@@ -80,23 +80,25 @@ def bilinear_align_corners_taps(in_size: int, out_size: int) -> Taps:
     return idx.astype(np.int32), weights.astype(np.float32)
 
 
-def apply_taps(x: Array, taps: Taps, axis: int, xp: Any = np) -> Array:
+def apply_taps(x: Array, taps: Taps, axis: int, xp: Any = np, dtype: Any = None) -> Array:
     """Resizes ``x`` along ``axis`` with precomputed ``taps``; other axes untouched.
 
-    ``xp`` is the array module: ``numpy`` on the host, ``jax.numpy`` on the device.
+    ``xp`` is the array module: ``numpy`` on the host, ``jax.numpy`` on the device. The taps
+    are applied in float32 (or wider) whatever ``x``'s dtype; ``dtype`` is the result's
+    (default ``x``'s).
     """
     idx, weights = taps
     axis = axis % x.ndim
     shape = [1] * x.ndim
     shape[axis] = len(idx)
-    dtype = xp.promote_types(x.dtype, xp.float32)
-    out = xp.zeros((), dtype)
+    compute = xp.promote_types(x.dtype, xp.float32)
+    out = xp.zeros((), compute)
     # One whole-slice gather per tap: XLA's CPU gather is far faster on a 1-D index list
     # than on an [out, K] index array.
     for k in range(idx.shape[1]):
-        tap = xp.take(x, xp.asarray(idx[:, k]), axis=axis).astype(dtype)
+        tap = xp.take(x, xp.asarray(idx[:, k]), axis=axis).astype(compute)
         out = out + tap * xp.asarray(weights[:, k]).reshape(shape)
-    return out.astype(x.dtype)
+    return out.astype(x.dtype if dtype is None else dtype)
 
 
 def dense_matrix(taps: Taps, in_size: int) -> np.ndarray:
@@ -109,13 +111,15 @@ def dense_matrix(taps: Taps, in_size: int) -> np.ndarray:
 
 
 def resize_2d(x: Array, size: tuple[int, int], axes: tuple[int, int], make_taps: Callable[[int, int], Taps],
-              xp: Any = np) -> Array:
-    """Resizes two axes of ``x`` to ``size`` with the taps ``make_taps(in, out)`` gives."""
+              xp: Any = np, dtype: Any = None) -> Array:
+    """Resizes two axes of ``x`` to ``size`` with the taps ``make_taps(in, out)`` gives; the
+    result has ``dtype`` (default ``x``'s, see ``apply_taps``)."""
     (h_axis, w_axis), (out_h, out_w) = axes, size
+    dtype = x.dtype if dtype is None else dtype
     if x.shape[h_axis] != out_h:
-        x = apply_taps(x, make_taps(x.shape[h_axis], out_h), h_axis, xp)
+        x = apply_taps(x, make_taps(x.shape[h_axis], out_h), h_axis, xp, dtype)
     if x.shape[w_axis] != out_w:
-        x = apply_taps(x, make_taps(x.shape[w_axis], out_w), w_axis, xp)
-    return x
+        x = apply_taps(x, make_taps(x.shape[w_axis], out_w), w_axis, xp, dtype)
+    return x.astype(dtype)
 
 

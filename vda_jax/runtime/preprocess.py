@@ -13,8 +13,7 @@ _STD = np.asarray(IMAGENET_STD, np.float32)
 
 def preprocess(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 RGB ``[..., H, W, 3]`` -> ImageNet-normalised float32 ``[..., h, w, 3]`` (OpenCV cubic resize)."""
-    x = frames.astype(np.float32) / np.float32(255.0)
-    x = resize_2d(x, size, (-3, -2), opencv_cubic_taps)
+    x = resize_2d(frames, size, (-3, -2), opencv_cubic_taps, dtype=np.float32) / np.float32(255.0)
     return (x - _MEAN) / _STD
 
 
