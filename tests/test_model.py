@@ -9,7 +9,7 @@ from vda_jax.convert.convert import convert_state_dict
 from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax.config import config_from_json
-from vda_jax.models.temporal import TemporalAttention, TemporalModule, sinusoidal_table
+from vda_jax.models.temporal import Ring, TemporalAttention, TemporalModule, sinusoidal_table
 
 
 def _run(model, x):
@@ -98,9 +98,17 @@ def test_temporal_attention_with_cache_equals_the_last_row(pe):
     x = jax.random.normal(jax.random.key(1), (2, 5, 3, 16))  # [B, T, S, D]
     full, _ = attention(x)
     first, cached = attention(x[:, :-1], cached=())  # a stream's first frames: keys and values for the cache
-    last, _ = attention(x[:, -1:], cached=cached)
+    slots = np.array([3, 0, 5, 1])  # where the 4 past frames sit in a ring of 6; the new one goes to slot 2
+    ring = tuple(jnp.zeros((2, 6, 3, 16)).at[:, slots].set(c) for c in cached)
+    last, updated = attention(x[:, -1:], cached=Ring(ring, jnp.int32(2), jnp.asarray([*slots, 2])))
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(first), np.asarray(attention(x[:, :-1])[0]))
+    _, new = attention(x[:, -1:], cached=())  # the new frame's keys and values, alone
+    for before, after, frame in zip(ring, updated, new):
+        np.testing.assert_array_equal(np.asarray(after[:, 2]), np.asarray(frame[:, 0]))
+        np.testing.assert_array_equal(np.asarray(np.delete(after, 2, axis=1)), np.asarray(np.delete(before, 2, axis=1)))
+    with pytest.raises(TypeError, match="Ring"):
+        attention(x[:, -1:], cached=cached)
 
 
 def test_temporal_attention_of_a_clip_projects_nothing_for_a_cache():

@@ -8,6 +8,7 @@ from flax import nnx
 
 from vda_jax.inference import stream
 from vda_jax.inference.stream import StreamingDepth, stream_depth
+from vda_jax.models import temporal
 from vda_jax.models.temporal import TemporalAttention
 from vda_jax.models.vda import compute_model
 
@@ -36,13 +37,14 @@ def test_matches_official_stream(tiny_model, recorded):
 
 
 def test_ring_serves_the_official_cached_frames():
-    """The jitted ring read/write, fed frame indices as states, returns the official frames for 150 steps."""
-    read_write = jax.jit(lambda ring, k: (stream.read_context(ring, k),
-                                          stream.write_frame(ring, k, (jnp.full((1, 1, 2), k, jnp.int32),))))
-    ring = (jnp.zeros((1, stream.RING_SLOTS, 2), jnp.int32),)  # seeded with frame 0
+    """The jitted ring write-then-read of each attention, fed frame indices as keys, returns the official
+    cached frames and then the new one, for 150 steps."""
+    write_read = jax.jit(lambda ring, k: temporal.write_and_read(ring, jnp.full((1, 1, 2), k, jnp.int32),
+                                                                 stream.ring_slot(k), stream.read_slots(k)))
+    ring = jnp.zeros((1, stream.RING_SLOTS, 2), jnp.int32)  # seeded with frame 0
     for k, official in enumerate(_official_contexts(151), start=1):
-        (context,), ring = read_write(ring, jnp.int32(k))
-        np.testing.assert_array_equal(context[0], np.repeat(np.array(official)[:, None], 2, axis=1), f"frame {k}")
+        ring, frames = write_read(ring, jnp.int32(k))
+        np.testing.assert_array_equal(frames[0], np.repeat(np.array([*official, k])[:, None], 2, axis=1), f"frame {k}")
 
 
 def test_step_compiles_once_and_donates_its_caches(tiny_model, recorded):
@@ -87,9 +89,10 @@ def _recompute_from_normed_inputs(attend):
     (the new frames' rows of attention over ``context + new``)."""
 
     def call(self, x, cached=None):
-        frames = jnp.concatenate([cached[0], x], axis=1) if cached else x
-        out, _ = attend(self, frames)
-        return out[:, -x.shape[1]:], (x, x)
+        if not cached:  # a stream's first frames
+            return attend(self, x)[0], (x, x)
+        inputs, frames = temporal.write_and_read(cached.arrays[0], x, cached.write, cached.read)
+        return attend(self, frames)[0][:, -x.shape[1]:], (inputs, inputs)
 
     return call
 

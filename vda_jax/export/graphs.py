@@ -3,7 +3,7 @@
 * ``clip``: ``frames`` float32 ``[B, T, h, w, 3]`` (ImageNet-normalised RGB at the
   network size) -> ``depth`` float32 ``[B, T, h, w]``; B is dynamic, T and (h, w) fixed.
 * ``stream``: one frame with the temporal caches as explicit inputs and outputs,
-  ``(frame [1, h, w, 3], step int32 [], ring_0..ring_15 [1, 42, S, D]) ->
+  ``(frame [1, h, w, 3], step int32 [], ring_0..ring_15 [1, 43, S, D]) ->
   (depth [1, h, w], next_step int32 [], next_ring_0..next_ring_15)``, the rings
   holding past frames' keys and values (per temporal layer ``k_0, v_0, k_1, v_1``,
   without position encoding; the graph projects only the new frame). Feed the

@@ -12,15 +12,16 @@ layer, its keys and values: projected once, when the frame is new, and stored
 without position encoding, since a frame's position in the context changes from
 step to step (the attention encodes positions 0..31 as it reads; see
 ``TemporalAttention``), so a step projects only the new frame. They live on
-the device in a fixed ring of ``RING_SLOTS`` = 42 frames, 16 arrays
+the device in a fixed ring of ``RING_SLOTS`` = 43 frames, 16 arrays
 ``[1, RING_SLOTS, S, D]`` (``StreamState``): slot 0 keeps frame 0, frame
-``f >= 1`` goes to slot ``1 + (f - 1) % 41``. The frames ``k - 41 .. k - 1`` a
-step may read occupy 41 distinct slots, and frame ``k`` overwrites frame
-``k - 41``, its last reader. The gather indices follow
-from a step counter carried on the device, so one program serves every frame of a
-frame size (the first, computed alone as the official does, seeds the ring: a
-branch on the counter) and never retraces; the ring is donated from step to step,
-so it is updated in place.
+``f >= 1`` goes to slot ``1 + (f - 1) % 42``. Each attention writes its new
+frame first, into the slot of frame ``k - 42``, which neither it nor a later
+frame reads, and then reads its 32 frames (``read_slots``) from the updated ring:
+so the ring is updated in place (a read before the write would make XLA copy
+the ring twice a step, 140 MB at 540p). The slots follow from a step counter
+carried on the device, so one program serves every frame of a frame size (the
+first, computed alone as the official does, seeds the ring: a branch on the
+counter) and never retraces; the ring is donated from step to step.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flax import nnx
 from vda_jax import compilation_cache
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size, preprocess
-from vda_jax.models.temporal import Cache
+from vda_jax.models.temporal import Cache, Ring
 from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.ops.resize import resize_bilinear_align_corners
 from vda_jax.xla_options import compiler_options
@@ -46,7 +47,7 @@ CONTEXT_FRAMES = window.WINDOW_FRAMES - 1  # 31 past frames per new frame
 RECENT_FRAMES = CONTEXT_FRAMES - 2  # 29: all but frame 0 and the key frame
 # The official constant: two window strides, less one, less the 2 aligned key frames.
 KEY_GAP = 2 * window.STRIDE - 1 - window.ALIGN_FRAMES  # 41
-RING_SLOTS = 1 + KEY_GAP
+RING_SLOTS = 2 + KEY_GAP  # frame 0, the 41 frames a step may read, and the new one
 
 
 class StreamState(NamedTuple):
@@ -71,20 +72,13 @@ def context_frames(step: jax.Array) -> jax.Array:
 
 def ring_slot(frame: jax.Array) -> jax.Array:
     """The ring slot holding frame ``frame``'s keys and values."""
-    return jnp.where(frame == 0, 0, 1 + (frame - 1) % KEY_GAP).astype(jnp.int32)
+    return jnp.where(frame == 0, 0, 1 + (frame - 1) % (RING_SLOTS - 1)).astype(jnp.int32)
 
 
-def read_context(ring: Cache, step: jax.Array) -> Cache:
-    """The keys and values frame ``step`` attends over: ``[B, RING_SLOTS, ...]`` -> ``[B, 31, ...]`` each."""
-    slots = ring_slot(context_frames(step))
-    return tuple(jnp.take(r, slots, axis=1) for r in ring)
-
-
-def write_frame(ring: Cache, step: jax.Array, states: Cache) -> Cache:
-    """Stores frame ``step``'s keys and values (``[B, 1, ...]`` each) in its slot."""
-    slot = ring_slot(step)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(r, s.astype(r.dtype), slot, axis=1)
-                 for r, s in zip(ring, states))
+def read_slots(step: jax.Array) -> jax.Array:
+    """The slots frame ``step`` (>= 1) reads, in position order: its 31 past frames', then its own: int32 ``[32]``."""
+    step = jnp.asarray(step, jnp.int32)
+    return ring_slot(jnp.concatenate([context_frames(step), step[None]]))
 
 
 def state_shapes(model: VideoDepthAnything, net_size: tuple[int, int]) -> StreamState:
@@ -107,8 +101,8 @@ def decode_next(model: VideoDepthAnything, features: tuple[jax.Array, ...], stat
     state and its depth ``[1, 1, h, w]`` at the network size.
 
     The first frame (``state.step == 0``; the ring's contents are ignored) is computed alone, as
-    the official stream does, and its keys and values fill every ring slot; a later frame attends
-    over ``read_context`` and its keys and values go to its slot.
+    the official stream does, and its keys and values fill every ring slot; a later frame's go
+    to its slot, and it attends over ``read_slots``.
     """
 
     def first(ring: Cache) -> tuple[jax.Array, Cache]:
@@ -116,8 +110,7 @@ def decode_next(model: VideoDepthAnything, features: tuple[jax.Array, ...], stat
         return depth, tuple(jnp.broadcast_to(s.astype(r.dtype), r.shape) for s, r in zip(states, ring))
 
     def later(ring: Cache) -> tuple[jax.Array, Cache]:
-        depth, states = model.decode(features, 1, net_size, read_context(ring, state.step))
-        return depth, write_frame(ring, state.step, states)
+        return model.decode(features, 1, net_size, Ring(ring, ring_slot(state.step), read_slots(state.step)))
 
     depth, ring = jax.lax.cond(state.step == 0, first, later, state.ring)
     return StreamState(ring, state.step + 1), depth

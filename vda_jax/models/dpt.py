@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 
 from vda_jax.config import ModelConfig
 from vda_jax.models.layers import Dtype, UpConv, checkpointed, conv, map_frames
-from vda_jax.models.temporal import Cache, TemporalModule
+from vda_jax.models.temporal import Cache, TemporalModule, cache_part
 from vda_jax.ops.resize import resize_bilinear_align_corners
 
 _OUTPUT_HIDDEN = 32
@@ -80,9 +80,9 @@ class DPTHead(nnx.Module):
         Args:
           features: four ``[B*T, ph, pw, E]`` encoder outputs, frames of a clip adjacent.
           num_frames: T.
-          cache: None for a clip; for streaming, 16 arrays (per temporal layer, the keys and
-            values of its two attention sub-blocks) of past frames, ``[B, Tc, S, D]`` each, or
-            ``()`` at a stream's first frame.
+          cache: None for a clip; for streaming, ``()`` at a stream's first frame, or the
+            ``temporal.Ring`` of past frames' keys and values (16 arrays ``[B, R, S, D]``: per
+            temporal layer, the keys and values of its two attention sub-blocks).
           frames_per_chunk: run the layers after the last temporal one (per-frame, at the
             finest resolutions) this many frames at a time (``map_frames``); None runs
             all frames at once. The result does not depend on it.
@@ -94,7 +94,8 @@ class DPTHead(nnx.Module):
             temporal layers still see every frame.
         Returns:
           Depth ``[B*T, 14*ph, 14*pw]`` (float32, before the final resize and ReLU) and, for
-          streaming, the new frames' temporal keys and values (16 arrays ``[B, T, S, D]``; a clip: ``()``).
+          streaming, the first frame's temporal keys and values (16 arrays ``[B, T, S, D]``) or
+          the updated ring's 16 arrays (a clip: ``()``).
         """
         n, ph, pw, _ = features[0].shape
         b, t = n // num_frames, num_frames
@@ -107,7 +108,7 @@ class DPTHead(nnx.Module):
 
         def temporal(i: int, x: jax.Array) -> jax.Array:
             size = TemporalModule.cache_arrays
-            layer_cache = None if cache is None else cache[size * i: size * (i + 1)]
+            layer_cache = cache_part(cache, size * i, size * (i + 1))
             y, states = checkpointed(self.temporal[i], remat)(x.reshape(b, t, *x.shape[1:]), layer_cache)
             new_cache.extend(states)
             return y.reshape(x.shape)

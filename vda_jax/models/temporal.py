@@ -5,20 +5,23 @@ GroupNorm -> Linear -> 2 x (LayerNorm, temporal self-attention, residual) ->
 (LayerNorm, GEGLU feed-forward, residual) -> Linear, plus a residual around the
 whole layer. Hidden states are laid out ``[B, T, S, D]`` (S = spatial positions).
 
-For streaming, each attention sub-block can be given ``cached``: the keys and
-values of past frames, ``[B, Tc, S, D]`` each, projected but without position
-encoding (the cache's frames take positions ``0 .. Tc-1``, the new ones follow),
-or ``()`` for a stream's first frame. Only the new frames are projected and
-queried; a streaming call returns its new frames' keys and values (``[B, T, S, D]``
-each) so the caller can extend its cache; a clip (``cached=None``) returns none
-and projects nothing for them. Both encodings commute with the cache: RoPE rotates
-keys after projection, and the projections have no bias, so
-``to_k(x + pe) = to_k(x) + to_k(pe)`` for APE.
+For streaming, each attention sub-block is given ``()`` at a stream's first
+frames, and returns their keys and values (``[B, T, S, D]`` each, projected but
+without position encoding) to seed a cache; a later frame is given a ``Ring``:
+past frames' keys and values in the slots of a fixed ring, the slot its own go
+to and the slots to attend over. It writes its keys and values first and then
+reads its context from the updated ring, so the ring is updated in place (no
+copy of it for the reads) and the new frame needs no concatenation; it returns
+the updated ring. Only the new frame is projected and queried; a clip
+(``cached=None``) returns nothing and projects nothing for a cache. Both
+encodings commute with the cache: RoPE rotates keys after projection, and the
+projections have no bias, so ``to_k(x + pe) = to_k(x) + to_k(pe)`` for APE.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,37 @@ _LAYER_NORM_EPS = 1e-5
 _NUM_GROUPS = 32
 _FF_MULT = 4
 
-Cache = tuple[jax.Array, ...]  # () at a stream's first frame
-KeysValues = tuple[jax.Array, jax.Array] | tuple[()]
+
+class Ring(NamedTuple):
+    """A stream's past keys and values for a frame that follows them.
+
+    arrays: per attention sub-block its keys and values (``k_0, v_0, k_1, v_1, ...``), ``[B, R, S, D]``
+      each, a frame per slot (R slots), without position encoding.
+    write: int32 scalar, the slot the new frame's keys and values go to (written before the reads).
+    read: int32 ``[L]``, the slots of the frames attended over, in position order ``0 .. L-1``:
+      the past frames', then ``write``.
+    """
+
+    arrays: tuple[jax.Array, ...]
+    write: jax.Array
+    read: jax.Array
+
+
+Cache = tuple[jax.Array, ...] | Ring  # (): a stream's first frame; a tuple of keys and values: what it leaves
+
+
+def cache_part(cache: Cache | None, start: int, stop: int) -> Cache | None:
+    """The arrays ``start:stop`` of a cache (of a ``Ring``: the same slots), e.g. one layer's."""
+    if isinstance(cache, Ring):
+        return cache._replace(arrays=cache.arrays[start:stop])
+    return None if cache is None else cache[start:stop]
+
+
+def write_and_read(ring: jax.Array, new: jax.Array, write: jax.Array, read: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stores ``new`` (``[B, 1, ...]``) in slot ``write`` of ``ring`` (``[B, R, ...]``), then reads the
+    slots ``read`` (``[L]``) of the result: the updated ring and ``[B, L, ...]``."""
+    ring = jax.lax.dynamic_update_slice_in_dim(ring, new.astype(ring.dtype), write, axis=1)
+    return ring, jnp.take(ring, read, axis=1)
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -101,21 +133,24 @@ class TemporalAttention(nnx.Module):
         self.to_out = linear(dim, dim, axes=("heads", None), rngs=rngs, dtype=dtype)
         self.pe = Buffer(jnp.asarray(sinusoidal_table(max_frames, dim))) if pe == "ape" else None
 
-    def __call__(self, x: jax.Array, cached: KeysValues | None = None) -> tuple[jax.Array, KeysValues]:
+    def __call__(self, x: jax.Array, cached: Ring | tuple[()] | None = None) -> tuple[jax.Array, Cache]:
         """Attends along time.
 
         Args:
           x: ``[B, T, S, D]`` normed hidden states of the frames to query.
-          cached: None for a clip; for a stream, past frames' (keys, values), ``[B, Tc, S, D]``
-            each, as returned here, or ``()`` at its first frame.
+          cached: None for a clip; for a stream, ``()`` at its first frames, or the ``Ring`` of
+            past frames' keys and values (two arrays) for one new frame (T = 1).
         Returns:
-          ``[B, T, S, D]`` and, for a stream, the (keys, values) of ``x``'s frames,
-          ``[B, T, S, D]`` each (a clip: ``()``).
+          ``[B, T, S, D]`` and, for a stream, the (keys, values) of ``x``'s frames, ``[B, T, S, D]``
+          each, at its first frames, or the updated ring's two arrays (a clip: ``()``).
         """
-        num_cached = cached[0].shape[1] if cached else 0
-        length = num_cached + x.shape[1]
+        ring = isinstance(cached, Ring)
+        if cached and not ring:
+            raise TypeError("a stream's later frames take past keys and values as a temporal.Ring")
+        length = cached.read.shape[0] if ring else x.shape[1]
+        num_cached = length - x.shape[1]
         pe = self._position_table(length, x.dtype)
-        if not cached and pe is not None:  # a clip, or a stream's first frames: project the encoded inputs
+        if not ring and pe is not None:  # a clip, or a stream's first frames: project the encoded inputs
             frames = x + pe[:, None, :]
             q, k, v = self.to_q(frames), self.to_k(frames), self.to_v(frames)
             new = () if cached is None else (self.to_k(x), self.to_v(x))
@@ -123,9 +158,10 @@ class TemporalAttention(nnx.Module):
             q = self.to_q(x if pe is None else x + pe[num_cached:, None, :])
             k, v = self.to_k(x), self.to_v(x)
             new = () if cached is None else (k, v)
-            if cached:
-                k = jnp.concatenate([cached[0].astype(x.dtype), k], axis=1)
-                v = jnp.concatenate([cached[1].astype(x.dtype), v], axis=1)
+            if ring:
+                keys, k = write_and_read(cached.arrays[0], k, cached.write, cached.read)
+                values, v = write_and_read(cached.arrays[1], v, cached.write, cached.read)
+                k, v, new = k.astype(x.dtype), v.astype(x.dtype), (keys, values)
             if pe is not None:  # no bias: to_k(x + pe) = to_k(x) + to_k(pe)
                 k = k + self.to_k(pe)[:, None, :]
                 v = v + self.to_v(pe)[:, None, :]
@@ -182,18 +218,20 @@ class TemporalModule(nnx.Module):
 
         Args:
           x: ``[B, T, H, W, C]`` feature maps of a clip (or of the new frames when streaming).
-          cache: None for a clip; for a stream, keys and values of past frames per attention
-            sub-block (``k_0, v_0, k_1, v_1``, ``[B, Tc, H*W, D]`` each), or ``()`` at its first frame.
+          cache: None for a clip; for a stream, ``()`` at its first frames, or the ``Ring`` of past
+            frames' keys and values per attention sub-block (``k_0, v_0, k_1, v_1``,
+            ``[B, R, H*W, D]`` each) for one new frame.
         Returns:
           ``[B, T, H, W, C]`` and, for a stream, the new frames' keys and values in the same
-          layout (``[B, T, H*W, D]`` each; a clip: ``()``).
+          order (``[B, T, H*W, D]`` each) at its first frames, or the updated ring's arrays (a
+          clip: ``()``).
         """
         b, t, h, w, c = x.shape
         hidden = self.norm(x.reshape(b * t, h, w, c)).reshape(b * t, h * w, c)
         hidden = self.proj_in(_by_position(hidden).reshape(b, t, h * w, c))
         new_cache = []
         for i, (norm, attention) in enumerate(zip(self.norms, self.attention_blocks)):
-            out, keys_values = attention(norm(hidden), None if cache is None else cache[2 * i: 2 * i + 2])
+            out, keys_values = attention(norm(hidden), cache_part(cache, 2 * i, 2 * i + 2))
             hidden = hidden + out
             new_cache.extend(keys_values)
         hidden = hidden + self.ff(self.ff_norm(hidden))
