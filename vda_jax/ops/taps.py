@@ -98,7 +98,7 @@ def apply_taps(x: Array, taps: Taps, axis: int, xp: Any = np, dtype: Any = None)
     for k in range(idx.shape[1]):
         tap = xp.take(x, xp.asarray(idx[:, k]), axis=axis).astype(compute)
         out = out + tap * xp.asarray(weights[:, k]).reshape(shape)
-    return out.astype(x.dtype if dtype is None else dtype)
+    return out.astype(x.dtype if dtype is None else dtype, copy=False)
 
 
 def dense_matrix(taps: Taps, in_size: int) -> np.ndarray:
@@ -120,6 +120,6 @@ def resize_2d(x: Array, size: tuple[int, int], axes: tuple[int, int], make_taps:
         x = apply_taps(x, make_taps(x.shape[h_axis], out_h), h_axis, xp, dtype)
     if x.shape[w_axis] != out_w:
         x = apply_taps(x, make_taps(x.shape[w_axis], out_w), w_axis, xp, dtype)
-    return x.astype(dtype)
+    return x.astype(dtype, copy=False)  # NumPy copies by default: not for a result already in dtype
 
 
