@@ -87,8 +87,9 @@ def plans(args: argparse.Namespace, target) -> Iterator[dict]:
             elif job == "window":
                 window = functools.partial(programs.window_step, model, frame_size=args.frame, net_size=net_size,
                                            target=target)
-                rows = [("window", precision, videos, 32, net_size, functools.partial(window, precision, slots=videos))
-                        for precision, videos in WINDOW_ROWS]
+                rows = [(f"window-{part}", precision, videos, 32, net_size,
+                         functools.partial(window, precision, slots=videos, part=part))
+                        for precision, videos in WINDOW_ROWS for part in programs.WINDOW_PARTS]
             else:
                 rows = [("stream", precision, 1, 1, net_size,
                          functools.partial(programs.stream_step, model, precision, args.frame, net_size, target))
@@ -108,14 +109,14 @@ def _collectives(row: dict) -> str:
 
 def print_row(row: dict, header: bool) -> None:
     if header:
-        print(f"{'model':14} {'job':12} {'prec':4} {'batch':>5} {'frames':>6} {'size':>9} {'dev':>4} {'args':>6} "
+        print(f"{'model':14} {'job':13} {'prec':4} {'batch':>5} {'frames':>6} {'size':>9} {'dev':>4} {'args':>6} "
               f"{'out':>6} {'temp':>6} {'total':>6} {'usable':>6} {'fits':>4} {'fmha':>4} {'TFLOP':>7} "
               f"{'roof ms':>7} {'compile':>7}  collectives (count/bytes)   [GiB per device]")
     usable = "-" if row["usable_memory_bytes"] is None else f"{row['usable_memory_bytes'] / GIB:6.1f}"
     fits = {None: "-", True: "yes", False: "NO"}[row["fits"]]
     tflop = "-" if row["flops"] is None else f"{row['flops'] / 1e12:7.2f}"
     roof = "-" if row["roofline_step_seconds"] is None else f"{row['roofline_step_seconds'] * 1e3:7.1f}"
-    print(f"{row['model']:14} {row['job']:12} {row['precision']:4} {row['batch']:5} {row['frames']:6} "
+    print(f"{row['model']:14} {row['job']:13} {row['precision']:4} {row['batch']:5} {row['frames']:6} "
           f"{row['height']:4}x{row['width']:<4} {row['devices']:4} {row['arguments_bytes'] / GIB:6.2f} "
           f"{row['outputs_bytes'] / GIB:6.2f} {row['temporaries_bytes'] / GIB:6.2f} "
           f"{row['per_device_bytes'] / GIB:6.2f} {usable:>6} {fits:>4} {row['fused_attention_calls']:4} {tflop:>7} "

@@ -17,7 +17,7 @@ from ml_collections.config_dict import ConfigDict
 
 from vda_jax.aot.targets import Target
 from vda_jax.config import ModelConfig
-from vda_jax.inference import stream, video, window
+from vda_jax.inference import stream, video
 from vda_jax.models.vda import VideoDepthAnything, compute_model
 from vda_jax.train import sharding
 from vda_jax.train.config import model_config_from
@@ -64,21 +64,24 @@ def _inference_params(config: ModelConfig, precision: str, devices) -> tuple[nnx
     return nnx.split(model)
 
 
+WINDOW_PARTS = ("encode", "decode")  # video.WindowPrograms
+
+
 def window_step(config: ModelConfig, precision: str, frame_size: tuple[int, int], net_size: tuple[int, int],
-                slots: int, target: Target) -> jax.stages.Traced:
-    """One window step of the long-video inference: ``slots`` videos of ``frame_size`` over the target's
-    devices (as many as there are slots, as ``vda-jax infer --batch-size``)."""
+                slots: int, target: Target, part: str) -> jax.stages.Traced:
+    """One of the window step's two programs (``video.WindowPrograms``; ``part``: "encode" or
+    "decode"): ``slots`` videos of ``frame_size`` over the target's devices (as many as there are
+    slots, as ``vda-jax infer --batch-size``)."""
     mesh = video.slot_mesh(slots, target.devices)
     graphdef, params = _inference_params(config, precision, list(mesh.devices.flat))
     slots = video.padded_slots(slots, mesh)
-    step = video._compiled(graphdef, frame_size, net_size, slots, mesh)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.eval_shape(lambda: window.empty_state(nnx.merge(graphdef, params), slots, net_size, frame_size))
-    frames = jax.ShapeDtypeStruct((slots, window.WINDOW_FRAMES, *frame_size, 3), jnp.uint8, sharding=sharded)
-    first = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=sharded)
-    real = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharded)
-    return step.trace(_abstract(params, jax.tree.map(lambda _: replicated, params)),
-                      _abstract(state, jax.tree.map(lambda _: sharded, state)), frames, first, real)
+    encode, decode = video.jitted_window_programs(graphdef, frame_size, net_size, mesh)
+    shapes = video.window_inputs(graphdef, params, frame_size, net_size, slots)
+    if part == "encode":
+        return encode.trace(params, shapes.frames, shapes.first, shapes.real)
+    if part == "decode":
+        return decode.trace(params, shapes.state, shapes.encoded, shapes.first, shapes.real)
+    raise ValueError(f"part must be one of {WINDOW_PARTS}, got {part!r}")
 
 
 def stream_step(config: ModelConfig, precision: str, frame_size: tuple[int, int], net_size: tuple[int, int],

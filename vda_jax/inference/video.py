@@ -11,6 +11,7 @@ host decodes and writes while the device computes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -18,7 +19,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence, Sized
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -158,26 +159,99 @@ def padded_slots(slots: int, mesh: jax.sharding.Mesh) -> int:
     return -(-slots // mesh.size) * mesh.size
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tuple[int, int], slots: int,
-                   mesh: jax.sharding.Mesh):
-    """The jitted window step for one model graph, frame size and slot count (a multiple of the
-    mesh's devices); built once: every window of every video of the size runs it."""
-    compilation_cache.enable()
+class WindowPrograms:
+    """A window step as two compiled programs: ``window.encode_window`` and ``window.decode_window``.
+
+    The head's program is lowered first and compiled on a second thread (XLA does not hold
+    Python's lock while it compiles) while the encoder's is lowered and compiled, and the
+    first window's encoder runs while the head's compile, the longest, goes on: ``decode``
+    waits for it. The encoder's features go from one program to the other as device buffers.
+    720p frames at input 112 (vits, fp32) on a 2-core CPU: 3.9-4.6 s of lowering and
+    compiling both, where one program for the whole step takes 5.3-5.6 s; to a first
+    window's depths 5.6-5.9 s, 6.1-7.2 s when the encoder waits for the head's compile.
+    """
+
+    def __init__(self, encode: jax.stages.Compiled, decode: concurrent.futures.Future):
+        self.encode, self._decode = encode, decode
+
+    @property
+    def decode(self) -> jax.stages.Compiled:
+        """The head's program (waits for its compile; raises its error)."""
+        return self._decode.result()
+
+
+def jitted_window_programs(graphdef: nnx.GraphDef, frame_size: tuple[int, int], net_size: tuple[int, int],
+                           mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+    """The jitted ``window.encode_window`` and ``window.decode_window`` (slots sharded on ``data``)."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-    def step(params, state, frames, first, real):
+    def merged(params):
         model = nnx.merge(graphdef, params)
         if mesh.size > 1:  # the per-frame chunks take frames from every device at once
             model = with_options(model, frame_sharding=sharded)
-        return window.window_step(model, state, frames, first, real, net_size)
+        return model
 
-    return jax.jit(step, in_shardings=(replicated, sharded, sharded, sharded, sharded),
-                   out_shardings=(sharded, sharded), donate_argnums=1, compiler_options=compiler_options())
+    def encode(params, frames, first, real):
+        return window.encode_window(merged(params), frames, first, real, net_size)
+
+    def decode(params, state, encoded, first, real):
+        return window.decode_window(merged(params), state, encoded, first, real, frame_size, net_size)
+
+    options = compiler_options()
+    return (jax.jit(encode, in_shardings=(replicated, sharded, sharded, sharded), out_shardings=sharded,
+                    compiler_options=options),
+            jax.jit(decode, in_shardings=(replicated, sharded, sharded, sharded, sharded),
+                    out_shardings=(sharded, sharded), donate_argnums=1, compiler_options=options))
+
+
+class WindowInputs(NamedTuple):
+    """Shapes of the window programs' arguments for some number of slots (``B``)."""
+
+    state: window.WindowState
+    encoded: tuple[jax.ShapeDtypeStruct, ...]  # window.encode_window's output, four [B, 32, ph, pw, E]
+    frames: jax.ShapeDtypeStruct  # uint8 [B, 32, H, W, 3]
+    first: jax.ShapeDtypeStruct  # bool [B]
+    real: jax.ShapeDtypeStruct  # int32 [B]
+
+
+def window_inputs(graphdef: nnx.GraphDef, params: nnx.State, frame_size: tuple[int, int],
+                  net_size: tuple[int, int], slots: int) -> WindowInputs:
+    """The shapes of the window programs' arguments for ``slots`` videos of ``frame_size``."""
+    model = nnx.merge(graphdef, params)
+    state = jax.eval_shape(lambda: window.empty_state(model, slots, net_size, frame_size))
+    encoded = tuple(jax.ShapeDtypeStruct((slots, window.WINDOW_FRAMES, *f.shape[2:]), f.dtype)
+                    for f in state.key_features)
+    return WindowInputs(state, encoded, jax.ShapeDtypeStruct((slots, window.WINDOW_FRAMES, *frame_size, 3), np.uint8),
+                        jax.ShapeDtypeStruct((slots,), np.bool_), jax.ShapeDtypeStruct((slots,), np.int32))
+
+
+ParamShapes = tuple[jax.tree_util.PyTreeDef, tuple[jax.ShapeDtypeStruct, ...]]  # hashable: a cache key
+
+
+def param_shapes(params: nnx.State) -> ParamShapes:
+    """The structure and leaf shapes of ``params``, the part of them a compiled program depends on."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef: nnx.GraphDef, params: ParamShapes, frame_size: tuple[int, int], net_size: tuple[int, int],
+              slots: int, mesh: jax.sharding.Mesh) -> WindowPrograms:
+    """The window programs for one model graph and parameter shapes, frame size and slot count (a
+    multiple of the mesh's devices); built once: every window of every video of the size runs them."""
+    compilation_cache.enable()
+    params = jax.tree.unflatten(*params)
+    encode, decode = jitted_window_programs(graphdef, frame_size, net_size, mesh)
+    shapes = window_inputs(graphdef, params, frame_size, net_size, slots)
+    head = decode.lower(params, shapes.state, shapes.encoded, shapes.first, shapes.real)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-head")
+    head = pool.submit(head.compile)
+    pool.shutdown(wait=False)  # the thread ends when the compile does
+    return WindowPrograms(encode.lower(params, shapes.frames, shapes.first, shapes.real).compile(), head)
 
 
 class WindowRunner:
-    """The compiled window step for one frame size and slot count.
+    """The compiled window programs for one frame size and slot count.
 
     The slots are split over as many of ``devices`` (default: this process's, so processes run
     independently) as there are slots, and padded to a multiple of that count with idle slots.
@@ -191,13 +265,14 @@ class WindowRunner:
         self.frame_size, self.net_size, self.slots = frame_size, net_size, padded_slots(slots, mesh)
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(mesh, P()))
-        self._step = _compiled(graphdef, frame_size, net_size, self.slots, mesh)
+        self.programs = _compiled(graphdef, param_shapes(params), frame_size, net_size, self.slots, mesh)
         state = window.empty_state(model, self.slots, net_size, frame_size)
         self.state = jax.device_put(state, NamedSharding(mesh, P("data")))
 
     def step(self, frames: np.ndarray, first: np.ndarray, real: np.ndarray) -> jax.Array:
-        """Runs one window of every slot (``window.window_step``); returns without waiting for it."""
-        self.state, out = self._step(self.params, self.state, frames, first, real)
+        """Runs one window of every slot (``WindowPrograms``); returns its depths without waiting for them."""
+        encoded = self.programs.encode(self.params, frames, first, real)
+        self.state, out = self.programs.decode(self.params, self.state, encoded, first, real)
         return out
 
 
@@ -295,7 +370,7 @@ def aligned_zeros(shape: tuple[int, ...], dtype: np.typing.DTypeLike) -> np.ndar
 
 def _collect(out: jax.Array, info, on_frames: Callable[[int], None]) -> None:
     """Copies a step's depths to the host and hands each slot's final frames to its sink."""
-    depths = np.asarray(out)  # [slots, 32, H, W], laid out as window.window_step describes
+    depths = np.asarray(out)  # [slots, 32, H, W], laid out as the window module describes
     for i, slot, w, ended in info:
         if slot.failed:
             continue

@@ -1,12 +1,14 @@
-"""The jitted sliding-window step of the long-video inference.
+"""The sliding-window step of the long-video inference.
 
 Windows of 32 frames start every 22 frames. From the second window on, the
 first 10 inputs are the previous window's inputs at ``KEYFRAMES``; since the
 encoder is per-frame, their features are carried over instead of recomputed,
 so each step encodes only its 22 new frames (a video's first window all of its
 32), and past a video's end only its real frames: the official padding repeats
-the last frame, whose features are copied. The head then runs on all 32. One
-compiled step serves every window of every video of a frame size.
+the last frame, whose features are copied. The head then runs on all 32. The
+step is two functions, ``encode_window`` and ``decode_window``, compiled as two
+programs (``video.WindowPrograms``) that serve every window of every video of a
+frame size.
 
 Relative models are aligned window to window: a least-squares scale and shift
 maps the window's depths of its first two inputs (video frame 0 and the
@@ -96,7 +98,7 @@ def align_window(depth: jax.Array, anchor: jax.Array, previous: jax.Array, affin
       metric: skip the scale/shift fit.
     Returns:
       The window's aligned depths ``[32, H, W]``, its inputs 2..9 blended with the previous
-      window's (the layout of ``window_step``'s output), and its scale and shift ``[2]``.
+      window's (the layout of ``decode_window``'s output), and its scale and shift ``[2]``.
     """
     identity = jnp.array([1.0, 0.0], jnp.float32)
     if metric:
@@ -141,42 +143,59 @@ def encoded_positions(first: jax.Array, real: jax.Array) -> jax.Array:
     return real_positions(real) & (first[:, None] | (jnp.arange(WINDOW_FRAMES) >= OVERLAP_FRAMES))
 
 
-def window_step(model: VideoDepthAnything, state: WindowState, frames: jax.Array, first: jax.Array,
-                real: jax.Array, net_size: tuple[int, int]) -> tuple[WindowState, jax.Array]:
-    """One window for every slot.
+def encode_window(model: VideoDepthAnything, frames: jax.Array, first: jax.Array, real: jax.Array,
+                  net_size: tuple[int, int]) -> tuple[jax.Array, ...]:
+    """The first half of a window step for every slot: the encoder features of its new inputs.
 
     Args:
-      state: carried from the previous window (a slot's first window ignores it).
       frames: uint8 ``[B, 32, H, W, 3]``, each slot's window inputs; when the slot continues
-        a video the first 10 are not read (their features come from ``state``).
+        a video the first 10 are not read (their features come from the ``WindowState``).
       first: bool ``[B]``, the slot's first window.
       real: int32 ``[B]``, how many inputs are frames of the video (0: an idle slot). The
         rest repeat the last one (the official padding), so they are not encoded: the
-        encoder is per-frame and their features are copies of the last frame's. The
-        head's temporal layers see them; its per-frame end skips them (depth 0: the
-        frames past a video's end are never output).
+        encoder is per-frame and their features are copies of the last frame's.
       net_size: network input (h, w), multiples of 14.
+    Returns:
+      Four ``[B, 32, ph, pw, E]`` encoder outputs in the carried features' dtype; those of the
+      inputs not encoded (``encoded_positions``) are undefined.
+    """
+    b, t, height, width, _ = frames.shape
+    encoded = model.encode(frames.reshape(b * t, height, width, 3), model.frames_per_chunk(net_size).encoder,
+                           active=encoded_positions(first, real).reshape(-1),
+                           prepare=lambda x: preprocess(x, net_size))
+    return tuple(f.reshape(b, t, *f.shape[1:]).astype(model.encoder.dtype) for f in encoded)
+
+
+def decode_window(model: VideoDepthAnything, state: WindowState, encoded: tuple[jax.Array, ...], first: jax.Array,
+                  real: jax.Array, frame_size: tuple[int, int],
+                  net_size: tuple[int, int]) -> tuple[WindowState, jax.Array]:
+    """The second half of a window step for every slot: the head and the alignment.
+
+    Args:
+      state: carried from the previous window (a slot's first window ignores it).
+      encoded: ``encode_window``'s output for the window.
+      first, real, net_size: as ``encode_window``'s. The head's temporal layers see the
+        padding inputs (copies of the last frame's features); its per-frame end skips them
+        (depth 0: the frames past a video's end are never output).
+      frame_size: (H, W) of the frames.
     Returns:
       The new state and the windows' depths ``[B, 32, H, W]`` (see the module's docstring).
     """
-    b, t, height, width, _ = frames.shape
-    chunks = model.frames_per_chunk(net_size)
-    encoded = model.encode(frames.reshape(b * t, height, width, 3), chunks.encoder,
-                           active=encoded_positions(first, real).reshape(-1),
-                           prepare=lambda x: preprocess(x, net_size))
+    b, t = first.shape[0], WINDOW_FRAMES
     source = jnp.maximum(jnp.minimum(jnp.arange(t), real[:, None] - 1), 0)  # [B, 32]: the padding's copies
 
     def window_features(carried: jax.Array, new: jax.Array) -> jax.Array:
-        new = new.reshape(b, t, *new.shape[1:]).astype(carried.dtype)
         head = jnp.where(first[:, None, None, None, None], new[:, :OVERLAP_FRAMES], carried)
         features = jnp.concatenate([head, new[:, OVERLAP_FRAMES:]], axis=1)
         return jax.vmap(lambda f, i: f[i])(features, source)
 
     features = tuple(window_features(k, f) for k, f in zip(state.key_features, encoded))
     depth, _ = model.decode(tuple(f.reshape(b * t, *f.shape[2:]) for f in features), WINDOW_FRAMES, net_size,
-                            frames_per_chunk=chunks.head, active=real_positions(real).reshape(-1))
+                            frames_per_chunk=model.frames_per_chunk(net_size).head,
+                            active=real_positions(real).reshape(-1))
     align = jax.vmap(align_window, in_axes=(0, 0, 0, 0, 0, None, None))
-    out, affine = align(depth, state.anchor, state.previous, state.affine, first, (height, width), model.config.metric)
+    out, affine = align(depth, state.anchor, state.previous, state.affine, first, frame_size, model.config.metric)
     anchor = jnp.where(first[:, None, None], depth[:, 0], state.anchor)
     key_features = tuple(f[:, np.asarray(KEYFRAMES)] for f in features)
     return WindowState(key_features, anchor, depth[:, _PREVIOUS], affine), out
+
