@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 from flax import nnx
 
 from vda_jax import compilation_cache
@@ -17,34 +18,45 @@ import numpy as np
 
 events = []
 jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+from vda_jax import executables
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.inference.video import infer_video_depth
 
-frames = np.random.default_rng(int(sys.argv[2])).integers(0, 255, (30, 28, 42, 3), np.uint8)
+frames = np.random.default_rng(0).integers(0, 255, (30, 28, 42, 3), np.uint8)
 depth = infer_video_depth(load_checkpoint(sys.argv[1]), frames, input_size=28)
-assert depth.shape == (30, 28, 42)
-print(events.count("/jax/compilation_cache/cache_hits"), events.count("/jax/compilation_cache/cache_misses"))
+np.save(sys.argv[2], depth)
+print(*(events.count(name) for name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses",
+                                         executables.HIT_EVENT, executables.MISS_EVENT)))
 """
 
 
-def _run(model_dir, home, seed: int) -> tuple[int, int]:
+def _run(model_dir, home, depth_path) -> tuple[int, int, int, int]:
+    """(compilation cache hits, misses, stored programs loaded, not found) of a fresh process."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.pop("VDA_JAX_CACHE_DIR", None)
     env["HOME"] = str(home)  # the default directory, under a throwaway home
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(seed)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(depth_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    hits, misses = map(int, out.stdout.split()[-2:])
-    return hits, misses
+    return tuple(map(int, out.stdout.split()[-4:]))
 
 
-def test_second_process_loads_every_program(tiny_model_dir, tmp_path):
-    cold = _run(tiny_model_dir, tmp_path, seed=0)
-    assert cold[1] > 0 and cold[0] == 0
-    assert os.listdir(tmp_path / ".cache" / "vda-jax" / "xla")
-    warm = _run(tiny_model_dir, tmp_path, seed=1)  # other frames, same shapes: nothing compiles
-    assert warm == (cold[1], 0)
+def test_second_process_traces_and_compiles_nothing(tiny_model_dir, tmp_path):
+    # The window step's two programs are compiled and stored whole (JAX's cache is not asked for them).
+    assert _run(tiny_model_dir, tmp_path, tmp_path / "cold.npy") == (0, 0, 0, 2)
+    stored = tmp_path / ".cache" / "vda-jax" / "xla" / "executables"
+    assert len(os.listdir(stored)) == 2
+    # A second process loads them: nothing is traced, lowered or compiled.
+    assert _run(tiny_model_dir, tmp_path, tmp_path / "warm.npy") == (0, 0, 2, 0)
+    np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "cold.npy"))
+    # An entry cut short (a crash while another process wrote it) is compiled again and replaced.
+    for name in os.listdir(stored):
+        (stored / name).write_bytes((stored / name).read_bytes()[:100])
+    assert _run(tiny_model_dir, tmp_path, tmp_path / "again.npy") == (0, 0, 0, 2)
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "cold.npy"))
+    assert _run(tiny_model_dir, tmp_path, tmp_path / "warm.npy") == (0, 0, 2, 0)
+    np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "cold.npy"))
 
 
 def test_cache_directory_and_opt_out(monkeypatch, tmp_path):

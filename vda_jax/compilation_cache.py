@@ -4,6 +4,9 @@ Compiled steps are stored on disk, keyed by the program and the shapes (the weig
 are arguments, never constants), so a second process running the same model size
 and frame size loads them instead of compiling again, whatever the checkpoint.
 
+The long-video window programs are kept whole beside it (``executables``), found
+without tracing them.
+
 The directory is ``$VDA_JAX_CACHE_DIR`` or ``~/.cache/vda-jax/xla``; set
 ``VDA_JAX_CACHE_DIR=off`` to turn the cache off. A cache directory the user gave
 JAX already (``jax_compilation_cache_dir``) is left as it is.

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vda_jax import compilation_cache, interrupts
+from vda_jax import executables, interrupts
 from vda_jax.inference import window
 from vda_jax.inference.preprocess import network_size
 from vda_jax.models.vda import VideoDepthAnything, compute_model, with_options
@@ -235,19 +235,30 @@ def param_shapes(params: nnx.State) -> ParamShapes:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef: nnx.GraphDef, params: ParamShapes, frame_size: tuple[int, int], net_size: tuple[int, int],
-              slots: int, mesh: jax.sharding.Mesh) -> WindowPrograms:
+def _compiled(graphdef: nnx.GraphDef, signature: ParamShapes, frame_size: tuple[int, int],
+              net_size: tuple[int, int], slots: int, mesh: jax.sharding.Mesh) -> WindowPrograms:
     """The window programs for one model graph and parameter shapes, frame size and slot count (a
-    multiple of the mesh's devices); built once: every window of every video of the size runs them."""
-    compilation_cache.enable()
-    params = jax.tree.unflatten(*params)
+    multiple of the mesh's devices); built once: every window of every video of the size runs them.
+    Programs a process stored before are loaded (``executables``) instead of traced and compiled."""
+    params = jax.tree.unflatten(*signature)
+    model = nnx.merge(graphdef, params)
+    description = (model.config, model.options(), signature, frame_size, net_size, slots, mesh.axis_names,
+                   mesh.devices.shape, compiler_options())
+    encode_entry, decode_entry = (executables.key((name, *description), tuple(mesh.devices.flat))
+                                  for name in ("window-encode", "window-decode"))
     encode, decode = jitted_window_programs(graphdef, frame_size, net_size, mesh)
     shapes = window_inputs(graphdef, params, frame_size, net_size, slots)
-    head = decode.lower(params, shapes.state, shapes.encoded, shapes.first, shapes.real)
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-head")
-    head = pool.submit(head.compile)
-    pool.shutdown(wait=False)  # the thread ends when the compile does
-    return WindowPrograms(encode.lower(params, shapes.frames, shapes.first, shapes.real).compile(), head)
+    head = concurrent.futures.Future()
+    if (stored := executables.load(decode_entry)) is not None:
+        head.set_result(stored)
+    else:
+        lowered = decode.lower(params, shapes.state, shapes.encoded, shapes.first, shapes.real)
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-head")
+        head = pool.submit(executables.compile_and_store, decode_entry, lowered)
+        pool.shutdown(wait=False)  # the thread ends when the compile does
+    encoder = executables.load_or_compile(
+        encode_entry, lambda: encode.lower(params, shapes.frames, shapes.first, shapes.real))
+    return WindowPrograms(encoder, head)
 
 
 class WindowRunner:

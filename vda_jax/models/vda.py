@@ -60,6 +60,11 @@ class VideoDepthAnything(nnx.Module):
             return contextlib.nullcontext()
         return jax.default_matmul_precision(self.matmul_precision)
 
+    def options(self) -> dict[str, object]:
+        """The compute options (see the class), by name."""
+        return dict(dtype=self.encoder.dtype, matmul_precision=self.matmul_precision, attention=self.attention,
+                    chunk_bytes=self.chunk_bytes, frame_sharding=self.frame_sharding)
+
     def frames_per_chunk(self, net_size: tuple[int, int]) -> FrameChunks:
         """Frames each per-frame part takes at a time at ``net_size`` to stay within ``chunk_bytes``."""
         encoder, head = frame_bytes(self.config, net_size, self.encoder.dtype)
@@ -170,8 +175,7 @@ def with_options(model: VideoDepthAnything, **options) -> VideoDepthAnything:
     model config and options; the others are set on a copy of the module tree (milliseconds:
     building a graph abstractly takes seconds).
     """
-    current = dict(dtype=model.encoder.dtype, matmul_precision=model.matmul_precision, attention=model.attention,
-                   chunk_bytes=model.chunk_bytes, frame_sharding=model.frame_sharding)
+    current = model.options()
     options = {**current, **options}
     if options == current:
         return model
