@@ -4,8 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from vda_jax import compilation_cache, executables
+from vda_jax.models.vda import VideoDepthAnything
+
+
+class _UserModel(VideoDepthAnything):
+    pass
 
 
 def _program() -> jax.stages.Compiled:
@@ -52,6 +58,9 @@ def test_keys_follow_the_description_and_the_devices(monkeypatch):
     assert len({same.path, executables.key(("window-encode", (28, 56)), [first]).path,
                 executables.key(("window-decode", (28, 42)), [first]).path,
                 executables.key(("window-encode", (28, 42)), [second]).path}) == 4
+    # A model class of the user's: its code is not in the key, so its programs are not stored.
+    assert executables.key(("window-encode", (28, 42)), [first], [VideoDepthAnything, nnx.Linear]) is not None
+    assert executables.key(("window-encode", (28, 42)), [first], [VideoDepthAnything, _UserModel]) is None
     monkeypatch.setattr(compilation_cache, "enable", lambda: None)  # the cache turned off
     assert executables.key(("window-encode", (28, 42)), [first]) is None
     assert executables.load(None) is None

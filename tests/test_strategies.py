@@ -9,7 +9,7 @@ from vda_jax.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from vda_jax.devices import Platform
 from vda_jax.eval import strategies
 from vda_jax.inference.video import infer_video_depth
-from vda_jax.models.vda import FrameChunks, default_chunk_bytes
+from vda_jax.models.vda import FrameChunks, VideoDepthAnything, default_chunk_bytes
 
 SIZE = 28  # frames of SIZE x SIZE at input_size SIZE: a 2x2 patch grid, no resize
 CONTENT = 0.5
@@ -37,6 +37,8 @@ class ClipStub(nnx.Module):
         # VideoDepthAnything's compute options, at their CPU defaults.
         self.matmul_precision, self.attention, self.frame_sharding = "highest", "einsum", None
         self.chunk_bytes = default_chunk_bytes(Platform("cpu"))
+
+    options = VideoDepthAnything.options
 
     def frames_per_chunk(self, net_size):
         return FrameChunks(1, 1)

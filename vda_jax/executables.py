@@ -21,7 +21,7 @@ import pickle
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import flax
@@ -33,6 +33,7 @@ from jax.experimental import serialize_executable
 
 from vda_jax import compilation_cache
 
+_COVERED_MODULES = ("vda_jax.", "flax.", "builtins")  # classes whose code the key covers
 HIT_EVENT = "/vda_jax/executables/hit"  # jax.monitoring events, one per program looked up
 MISS_EVENT = "/vda_jax/executables/miss"
 
@@ -60,11 +61,15 @@ def _toolchain() -> str:
     return digest.hexdigest()
 
 
-def key(description: object, devices: Sequence[jax.Device]) -> Key | None:
+def key(description: object, devices: Sequence[jax.Device], types: Iterable[type] = ()) -> Key | None:
     """The store's entry for the program ``description`` describes (its ``repr`` must say all the
-    caller knows of it), run on ``devices``; None when the compilation cache is off."""
+    caller knows of it), built from objects of ``types`` and run on ``devices``.
+
+    None when the compilation cache is off, or when one of ``types`` is defined outside
+    vda-jax and Flax (a model class of the user's): the key covers only their source.
+    """
     directory = compilation_cache.enable()
-    if directory is None:
+    if directory is None or any(not t.__module__.startswith(_COVERED_MODULES) for t in types):
         return None
     placement = tuple((d.platform, d.device_kind, d.id, d.process_index) for d in devices)
     text = repr((_toolchain(), sorted(jax.config.values.items()), os.environ.get("XLA_FLAGS", ""), placement,

@@ -244,7 +244,8 @@ def _compiled(graphdef: nnx.GraphDef, signature: ParamShapes, frame_size: tuple[
     model = nnx.merge(graphdef, params)
     description = (model.config, model.options(), signature, frame_size, net_size, slots, mesh.axis_names,
                    mesh.devices.shape, compiler_options())
-    encode_entry, decode_entry = (executables.key((name, *description), tuple(mesh.devices.flat))
+    types = {node.type for node in graphdef.nodes if hasattr(node, "type")}
+    encode_entry, decode_entry = (executables.key((name, *description), tuple(mesh.devices.flat), types)
                                   for name in ("window-encode", "window-decode"))
     encode, decode = jitted_window_programs(graphdef, frame_size, net_size, mesh)
     shapes = window_inputs(graphdef, params, frame_size, net_size, slots)
