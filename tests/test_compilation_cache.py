@@ -22,7 +22,7 @@ from vda_jax import executables
 from vda_jax.checkpoint import load_checkpoint
 from vda_jax.inference.video import infer_video_depth
 
-frames = np.random.default_rng(0).integers(0, 255, (30, 28, 42, 3), np.uint8)
+frames = np.random.default_rng(int(sys.argv[3])).integers(0, 255, (30, 28, 42, 3), np.uint8)
 depth = infer_video_depth(load_checkpoint(sys.argv[1]), frames, input_size=28)
 np.save(sys.argv[2], depth)
 print(*(events.count(name) for name in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses",
@@ -30,13 +30,13 @@ print(*(events.count(name) for name in ("/jax/compilation_cache/cache_hits", "/j
 """
 
 
-def _run(model_dir, home, depth_path) -> tuple[int, int, int, int]:
+def _run(model_dir, home, depth_path, seed: int = 0) -> tuple[int, int, int, int]:
     """(compilation cache hits, misses, stored programs loaded, not found) of a fresh process."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.pop("VDA_JAX_CACHE_DIR", None)
     env["HOME"] = str(home)  # the default directory, under a throwaway home
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(depth_path)], env=env,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(depth_path), str(seed)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return tuple(map(int, out.stdout.split()[-4:]))
@@ -57,6 +57,8 @@ def test_second_process_traces_and_compiles_nothing(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), np.load(tmp_path / "cold.npy"))
     assert _run(tiny_model_dir, tmp_path, tmp_path / "warm.npy") == (0, 0, 2, 0)
     np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "cold.npy"))
+    # Other frames of the same shapes: the same programs.
+    assert _run(tiny_model_dir, tmp_path, tmp_path / "other.npy", seed=1) == (0, 0, 2, 0)
 
 
 def test_cache_directory_and_opt_out(monkeypatch, tmp_path):
