@@ -37,7 +37,8 @@ def test_a_stored_program_loads_and_runs_the_same(tmp_path, events):
     x = np.array([0.0, 1.0, 2.0], np.float32)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(compiled(x)))
     assert [e for e in events if e.startswith("/vda_jax/")] == [executables.MISS_EVENT, executables.HIT_EVENT]
-    assert executables.load_or_compile(entry, lambda: pytest.fail("lowered again")) is not None
+    stored = executables.load_or_start_compile(entry, lambda: pytest.fail("lowered again")).result()
+    np.testing.assert_array_equal(np.asarray(stored(x)), np.asarray(compiled(x)))
 
 
 def test_a_program_that_cannot_be_stored_still_runs(tmp_path):

@@ -14,6 +14,7 @@ cache is; an entry that cannot be read is compiled again and replaced.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import os
@@ -129,7 +130,16 @@ def compile_and_store(entry: Key | None, lowered: jax.stages.Lowered) -> jax.sta
     return save(entry, compiled)
 
 
-def load_or_compile(entry: Key | None, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
-    """The stored program, else ``lower()``'s compiled (``compile_and_store``)."""
-    compiled = load(entry)
-    return compiled if compiled is not None else compile_and_store(entry, lower())
+def load_or_start_compile(entry: Key | None, lower: Callable[[], jax.stages.Lowered]) -> concurrent.futures.Future:
+    """The stored program, else ``lower()`` compiled and stored (``compile_and_store``) on a thread
+    of its own: the caller goes on (lowering another program, running one) while XLA compiles,
+    which does not hold Python's lock. The future's ``result()`` is the program (or the error)."""
+    if (stored := load(entry)) is not None:
+        future = concurrent.futures.Future()
+        future.set_result(stored)
+        return future
+    lowered = lower()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    future = pool.submit(compile_and_store, entry, lowered)
+    pool.shutdown(wait=False)  # the thread ends when the compile does
+    return future

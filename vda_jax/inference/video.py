@@ -162,17 +162,19 @@ def padded_slots(slots: int, mesh: jax.sharding.Mesh) -> int:
 class WindowPrograms:
     """A window step as two compiled programs: ``window.encode_window`` and ``window.decode_window``.
 
-    The head's program is lowered first and compiled on a second thread (XLA does not hold
-    Python's lock while it compiles) while the encoder's is lowered and compiled, and the
-    first window's encoder runs while the head's compile, the longest, goes on: ``decode``
-    waits for it. The encoder's features go from one program to the other as device buffers.
-    720p frames at input 112 (vits, fp32) on a 2-core CPU: 3.9-4.6 s of lowering and
-    compiling both, where one program for the whole step takes 5.3-5.6 s; to a first
-    window's depths 5.6-5.9 s, 6.1-7.2 s when the encoder waits for the head's compile.
+    Each program is compiled on a thread of its own as soon as it is lowered (XLA does not
+    hold Python's lock while it compiles): the encoder's first, whose compile then runs
+    beside the head's lowering (Python, one core), and the head's, the longest, beside the
+    first window's encoder. ``encode`` and ``decode`` wait for their compile.
     """
 
-    def __init__(self, encode: jax.stages.Compiled, decode: concurrent.futures.Future):
-        self.encode, self._decode = encode, decode
+    def __init__(self, encode: concurrent.futures.Future, decode: concurrent.futures.Future):
+        self._encode, self._decode = encode, decode
+
+    @property
+    def encode(self) -> jax.stages.Compiled:
+        """The encoder's program (waits for its compile; raises its error)."""
+        return self._encode.result()
 
     @property
     def decode(self) -> jax.stages.Compiled:
@@ -249,16 +251,11 @@ def _compiled(graphdef: nnx.GraphDef, signature: ParamShapes, frame_size: tuple[
                                   for name in ("window-encode", "window-decode"))
     encode, decode = jitted_window_programs(graphdef, frame_size, net_size, mesh)
     shapes = window_inputs(graphdef, params, frame_size, net_size, slots)
-    head = concurrent.futures.Future()
-    if (stored := executables.load(decode_entry)) is not None:
-        head.set_result(stored)
-    else:
-        lowered = decode.lower(params, shapes.state, shapes.encoded, shapes.first, shapes.real)
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile-head")
-        head = pool.submit(executables.compile_and_store, decode_entry, lowered)
-        pool.shutdown(wait=False)  # the thread ends when the compile does
-    encoder = executables.load_or_compile(
+    # The encoder first: its compile runs beside the head's lowering, which is Python on one core.
+    encoder = executables.load_or_start_compile(
         encode_entry, lambda: encode.lower(params, shapes.frames, shapes.first, shapes.real))
+    head = executables.load_or_start_compile(
+        decode_entry, lambda: decode.lower(params, shapes.state, shapes.encoded, shapes.first, shapes.real))
     return WindowPrograms(encoder, head)
 
 
