@@ -465,6 +465,13 @@ def main() -> None:
         return
     if args.checkpoint and (args.clip or args.official):
         parser.error("--checkpoint times our model alone: drop --clip and --official, or drop --checkpoint")
+    if args.checkpoint:
+        from vda_jax.checkpoint import CheckpointFormatError, read_config
+
+        try:
+            read_config(args.checkpoint)  # before any child process starts
+        except CheckpointFormatError as e:
+            parser.error(str(e))
     if args.clip:
         if not (args.official and args.torch_python):
             parser.error("--clip compares with the official pipeline: give --official and --torch-python")

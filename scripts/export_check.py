@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vda_jax.checkpoint import save_model
+from vda_jax.checkpoint import CheckpointFormatError, read_config, save_model
 from vda_jax.config import model_config
 from vda_jax.export.exporter import ExportOptions, export_checkpoint
 from vda_jax.models.vda import VideoDepthAnything
@@ -112,6 +112,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed clips per side (after one untimed)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    if args.checkpoint:
+        try:
+            read_config(args.checkpoint)  # before anything is written or run
+        except CheckpointFormatError as e:
+            parser.error(str(e))
     jax.config.update("jax_default_matmul_precision", "highest")
     workdir = args.workdir or tempfile.mkdtemp(prefix="vda-export-check-")
     os.makedirs(workdir, exist_ok=True)

@@ -85,6 +85,20 @@ def test_benchmark_refuses_a_checkpoint_with_the_official(tmp_path, child_env):
     assert result.returncode == 2 and "--checkpoint times our model alone" in result.stderr
 
 
+
+@pytest.mark.parametrize("script, flags, problem", [
+    ("benchmark.py", ["--checkpoint", "{missing}"], "does not exist"),
+    ("export_check.py", ["--checkpoint", "{folder}", "--workdir", "{folder}/work"], "no config.json"),
+    ("benchmark_stream.py", ["--model", "{folder}"], "no config.json"),
+    ("benchmark_stream.py", ["--model", "vitx"], "unknown model 'vitx'"),
+])
+def test_a_bad_model_is_one_line_before_any_work(script, flags, problem, tmp_path, child_env):
+    flags = [f.format(missing=tmp_path / "missing", folder=tmp_path) for f in flags]
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *flags], capture_output=True, text=True,
+                            env=child_env(1))
+    assert result.returncode == 2 and problem in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written
+
 def test_benchmark_stream(child_env):
     stdout = run_script("benchmark_stream.py", "--model", DEMO_MODEL, "--input-size", 56, "--frame-size", 48, 64,
                         "--frames", 4, "--report-every", 2, env=child_env(1))
