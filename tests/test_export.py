@@ -20,6 +20,7 @@ from vda_jax.convert.readers import read_checkpoint
 
 from vda_jax import cli
 from vda_jax.checkpoint import read_config
+from vda_jax.export import exporter
 from vda_jax.export.exporter import ExportOptions, checkpoint_hash, export_checkpoint
 from vda_jax.inference import stream
 from vda_jax.runtime.metadata import EXPORT_VERSION
@@ -200,6 +201,28 @@ def test_onnx_clip_batch_is_dynamic(onnx_models):
         np.testing.assert_allclose(both[i:i + 1], model(frames[i:i + 1])[0], rtol=1e-5, atol=1e-5)
 
 
+
+def test_onnx_weights_past_protobufs_limit_go_beside_the_model_all_or_nothing(onnx_models, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """vitg's weights pass protobuf's 2 GB: they go to OUT.onnx.data (here: the limit lowered to 0 bytes)."""
+    monkeypatch.setattr(exporter, "_ONNX_INLINE_LIMIT", 0)
+    options, out = ExportOptions(height=56, width=56), tmp_path / "big.onnx"
+    save_model = onnx.save_model
+
+    def cut_short(proto, path, **kwargs):  # the weights written, then the disk fills
+        save_model(proto, path, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        export_checkpoint(str(tiny_model_dir), str(out), options)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    monkeypatch.setattr(onnx, "save_model", save_model)
+    export_checkpoint(str(tiny_model_dir), str(out), options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json"]
+    assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
+    frames = np.random.default_rng(0).normal(size=(1, 32, 56, 56, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ExportedModel(str(out))(frames)[0], ExportedModel(onnx_models["clip56"])(frames)[0])
 
 def test_onnx_clip_materialises_nothing_larger_than_an_activation(onnx_models, tiny_model_dir):
     """#25: jax2onnx exported the fused qkv and GEGLU projections' einsum by broadcasting the kernel over every

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,21 +115,21 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
     outputs = jax.eval_shape(fn, *specs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     metadata = _metadata(model, checkpoint, options, net_size, zip(names, specs), zip(out_names, outputs))
-    artifact, description = AtomicPath(output), AtomicPath(metadata_path(output))
-    try:
+    # Everything is written in a staging folder beside the output, then moved into place: a failed export
+    # leaves nothing, and the artifact (moved last) never names a weights file that is not there yet.
+    folder, name = os.path.split(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}.") as staging:
         if options.format == "onnx":
-            _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, path=artifact.tmp,
-                        final_path=output)
+            files = _write_onnx(fn, specs, names, out_names, dynamic_batch=not options.streaming, folder=staging,
+                                name=name)
         else:
-            _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=artifact.tmp)
-        with open(description.tmp, "w") as f:
+            files = _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=os.path.join(staging, name))
+        description = os.path.basename(metadata_path(name))
+        with open(os.path.join(staging, description), "w") as f:
             json.dump(metadata, f, indent=2)
-        with interrupts.held():  # both or neither
-            description.commit()
-            artifact.commit()
-    finally:
-        artifact.discard()
-        description.discard()
+        with interrupts.held():  # all or none
+            for file in (*files[1:], description, files[0]):
+                os.replace(os.path.join(staging, file), os.path.join(folder, file))
     return metadata
 
 
@@ -154,7 +155,12 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str, final_path: str) -> None:
+def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, folder: str, name: str) -> list[str]:
+    """Writes the ONNX model ``folder/name``; returns the names of the files written, the model's first.
+
+    One self-contained file, unless the weights pass protobuf's 2 GB limit (vitg): then they go
+    to ``name.data`` beside it, which the model names.
+    """
     onnx, to_onnx = _onnx_modules()
     inputs = [("B", *s.shape[1:]) if dynamic_batch and i == 0 else s for i, s in enumerate(specs)]
     with _quiet("onnx_ir"):
@@ -162,10 +168,10 @@ def _write_onnx(fn, specs, names, out_names, *, dynamic_batch: bool, path: str, 
                         output_names=list(out_names))
     if dynamic_batch:
         _name_output_batch_axes(proto.graph, "B")
-    # One self-contained file, unless the weights pass protobuf's 2 GB limit (vitg): then FINAL.onnx.data.
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
-    onnx.save_model(proto, path, save_as_external_data=weights > _ONNX_INLINE_LIMIT, all_tensors_to_one_file=True,
-                    location=os.path.basename(final_path) + ".data")
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > _ONNX_INLINE_LIMIT
+    onnx.save_model(proto, os.path.join(folder, name), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=name + ".data")
+    return [name, name + ".data"] if external else [name]
 
 
 def _name_output_batch_axes(graph, name: str) -> None:
@@ -179,13 +185,15 @@ def _name_output_batch_axes(graph, name: str) -> None:
                         dim.dim_param = name
 
 
-def _write_stablehlo(fn, specs, *, dynamic_batch: bool, path: str) -> None:
+def _write_stablehlo(fn, specs, *, dynamic_batch: bool, path: str) -> list[str]:
+    """Writes the serialized ``jax.export`` at ``path``; returns its file name."""
     if dynamic_batch:
         (batch,) = jax.export.symbolic_shape("B")
         specs = (jax.ShapeDtypeStruct((batch, *specs[0].shape[1:]), specs[0].dtype), *specs[1:])
     exported = jax.export.export(fn)(*specs)
     with open(path, "wb") as f:
         f.write(exported.serialize())
+    return [os.path.basename(path)]
 
 
 def _metadata(model: VideoDepthAnything, checkpoint: str, options: ExportOptions, net_size: tuple[int, int],
