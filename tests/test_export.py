@@ -201,7 +201,6 @@ def test_onnx_clip_batch_is_dynamic(onnx_models):
         np.testing.assert_allclose(both[i:i + 1], model(frames[i:i + 1])[0], rtol=1e-5, atol=1e-5)
 
 
-
 def test_onnx_weights_past_protobufs_limit_go_beside_the_model_all_or_nothing(onnx_models, tiny_model_dir, tmp_path,
                                                                                 monkeypatch):
     """vitg's weights pass protobuf's 2 GB: they go to OUT.onnx.data (here: the limit lowered to 0 bytes; the graph
@@ -227,6 +226,7 @@ def test_onnx_weights_past_protobufs_limit_go_beside_the_model_all_or_nothing(on
     assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
     frames = np.random.default_rng(0).normal(size=(1, 32, 56, 56, 3)).astype(np.float32)
     np.testing.assert_array_equal(ExportedModel(str(out))(frames)[0], ExportedModel(onnx_models["clip56"])(frames)[0])
+
 
 def test_onnx_clip_materialises_nothing_larger_than_an_activation(onnx_models, tiny_model_dir):
     """#25: jax2onnx exported the fused qkv and GEGLU projections' einsum by broadcasting the kernel over every

@@ -85,7 +85,6 @@ def test_benchmark_refuses_a_checkpoint_with_the_official(tmp_path, child_env):
     assert result.returncode == 2 and "--checkpoint times our model alone" in result.stderr
 
 
-
 @pytest.mark.parametrize("script, flags, problem", [
     ("benchmark.py", ["--checkpoint", "{missing}"], "does not exist"),
     ("export_check.py", ["--checkpoint", "{folder}", "--workdir", "{folder}/work"], "no config.json"),
@@ -100,6 +99,7 @@ def test_a_bad_model_is_one_line_before_any_work(script, flags, problem, tmp_pat
     assert exit_.value.code == 2
     assert problem in capsys.readouterr().err.splitlines()[-1]  # argparse's one error line, no traceback
     assert [p.name for p in tmp_path.iterdir()] == []  # nothing written
+
 
 def test_benchmark_stream(child_env):
     stdout = run_script("benchmark_stream.py", "--model", DEMO_MODEL, "--input-size", 56, "--frame-size", 48, 64,
