@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from vda_jax.checkpoint import load_checkpoint, read_config
+from vda_jax.checkpoint import load_checkpoint
 from vda_jax.config import model_config
 from vda_jax.inference.stream import StreamingDepth
 from vda_jax.models.vda import VideoDepthAnything
@@ -46,10 +46,10 @@ def main() -> None:
         parser.error(f"--frames must exceed {_COMPILING_CALLS}")
 
     try:
-        config = read_config(args.model)[0] if os.path.isdir(args.model) else model_config(args.model)
+        is_folder = os.path.isdir(args.model)
+        model = load_checkpoint(args.model) if is_folder else VideoDepthAnything(model_config(args.model))
     except ValueError as e:  # an unknown size, or a directory that is not a model
         parser.error(str(e))
-    model = load_checkpoint(args.model) if os.path.isdir(args.model) else VideoDepthAnything(config)
     streamer = StreamingDepth(model, args.input_size, args.precision)
     pool = np.random.default_rng(0).integers(0, 256, (8, *args.frame_size, 3), dtype=np.uint8)
     print(f"{args.model}, input {args.input_size}, frames {args.frame_size[0]}x{args.frame_size[1]}, "

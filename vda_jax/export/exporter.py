@@ -124,7 +124,7 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
                                 name=name)
         else:
             files = _write_stablehlo(fn, specs, dynamic_batch=not options.streaming, path=os.path.join(staging, name))
-        description = os.path.basename(metadata_path(name))
+        description = metadata_path(name)
         with open(os.path.join(staging, description), "w") as f:
             json.dump(metadata, f, indent=2)
         with interrupts.held():  # all or none
