@@ -472,8 +472,10 @@ def main() -> None:
             read_config(args.checkpoint)  # before any child process starts
         except CheckpointFormatError as e:
             parser.error(str(e))
+    if args.official and not args.torch_python:
+        parser.error("--official runs in another Python: give --torch-python (one with torch and cv2)")
     if args.clip:
-        if not (args.official and args.torch_python):
+        if not args.official:
             parser.error("--clip compares with the official pipeline: give --official and --torch-python")
         print(json.dumps(clip_report(args), indent=2))
         return

@@ -108,7 +108,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=280)
     parser.add_argument("--width", type=int, default=378)
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--precision", default="fp16", help="the reduced precision checked (StableHLO)")
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16"),
+                        help="the reduced precision checked (StableHLO)")
     parser.add_argument("--repeats", type=int, default=2, help="timed clips per side (after one untimed)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()

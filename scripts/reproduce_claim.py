@@ -32,10 +32,12 @@ from vda_jax.data.synthetic import render_video
 from vda_jax.eval import metrics
 from vda_jax.eval.strategies import STRATEGIES, infer_with_strategy
 from vda_jax.inference.preprocess import network_size, preprocess
+from vda_jax.io.paths import check_output_file
 from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.ops.resize import resize_bilinear_align_corners
 from vda_jax.train.config import load_config
 from vda_jax.train.loop import model_from_checkpoint, train
+from vda_jax.train.metrics_log import write_atomic
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "train", "synthetic_claim.py")
 INPUT_SIZE = 112  # the crop size of configs/train/synthetic_claim.py
@@ -105,8 +107,11 @@ def main() -> None:
                         help="overrides of configs/train/synthetic_claim.py for both models (e.g. a smaller "
                              "dataset: synthetic.num_videos=(8,2,0))")
     args = parser.parse_args()
-
-    base = load_config(CONFIG, args.overrides)
+    try:  # before hours of training
+        base = load_config(CONFIG, args.overrides)
+        check_output_file(args.output, "--output")
+    except ValueError as e:
+        parser.error(str(e))
     clip_frames, batch = base.data.clip_frames, base.batch_size
     if not 0 < args.image_steps < args.steps:
         parser.error("--image-steps must be between 0 and --steps")
@@ -182,11 +187,8 @@ is better except delta1.
 {strategies}
 """
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(args.output + ".tmp", args.output)
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(means, f, indent=2)
+    write_atomic(args.output, text)
+    write_atomic(os.path.join(args.workdir, "results.json"), json.dumps(means, indent=2))
     print(text)
     if args.bundle:
         save_model(temporal, DEMO_MODEL, overwrite=True, metadata={

@@ -111,7 +111,10 @@ def test_pseudo_label_checks_its_folders_before_loading_the_model(tmp_path, caps
             ("notes.txt", "labels", f"images folder {tmp_path / 'notes.txt'} is a file; give the folder of the images"),
             ("missing", "labels", f"images folder {tmp_path / 'missing'} does not exist"),
             ("images", "notes.txt/labels", f"--output {tmp_path / 'notes.txt/labels'} cannot be a folder: "
-                                           f"{tmp_path / 'notes.txt'} is a file; choose another path")]:
+                                           f"{tmp_path / 'notes.txt'} is a file; choose another path"),
+            ("images", "images/labels", f"--output {tmp_path / 'images/labels'} is inside the images folder "
+                                        f"{tmp_path / 'images'} (its labels would be read as images); give a "
+                                        "folder outside it")]:
         assert cli.main(["pseudo-label", str(tmp_path / images), "--output", str(tmp_path / output)]) == 1
         assert capsys.readouterr().err == f"vda-jax pseudo-label: error: {message}\n"
     assert sorted(os.listdir(tmp_path)) == ["images", "notes.txt"]
@@ -174,9 +177,21 @@ def test_train_config_errors_come_first_and_in_one_line(tmp_path, capsys, fixtur
                               ("model.num_frames=8", "model.num_frames 8 is below the 32-frame inference window"),
                               ("data.clip_frames=40", "data.clip_frames 40 exceeds model.num_frames 32"),
                               ("data.crop_size=(50,50)", "crop_size must be two positive multiples of 14"),
+                              ("data.flip_prob=2.0", "flip_prob must be in [0, 1], got 2.0"),
+                              ("data.read_threads=0", "read_threads must be >= 1, got 0"),
                               ("frames_per_chunk=-1", "frames_per_chunk must be >= 0"),
                               ("precision=fp16", "unknown precision 'fp16'"),
-                              ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'")]:
+                              ("checkpoint.best_mode='low'", "checkpoint.best_mode must be 'min' or 'max'"),
+                              ("checkpoint.best_metric='val_sharpness'", "checkpoint.best_metric must be one of "
+                                                                         "['val_loss', 'val_spatial', 'val_stable', "
+                                                                         "'val_abs_rel', 'val_delta1']"),
+                              ("synthetic.scene_kind='forest'", "synthetic.scene_kind must be one of ['room', "
+                                                                "'outdoor'] or None (a mix), got 'forest'"),
+                              # A field declared with a type and no value, and a tuple's items.
+                              ("optimizer.temporal_lr=abc", "config key 'optimizer.temporal_lr' holds float "
+                                                            "values; cannot set it to 'abc'"),
+                              ('data.crop_size=("a","b")', "config key 'data.crop_size' holds tuple of int values "
+                                                           "(now (56, 56)); cannot set it to '(\"a\",\"b\")'")]:
         code, err = train("--config", "synthetic_tiny", override)
         assert code == 1 and message in err, (override, err)
     # init_from, before the dataset is rendered: missing, a training workdir, another architecture.
@@ -266,3 +281,12 @@ def test_a_workdir_given_for_a_model_directory_and_back(tmp_path, tiny_model_dir
                                        f"init_from={tiny_model_dir})\n")
     assert sorted(os.listdir(tmp_path)) == ["images", "run"]
     assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "model"]
+
+
+def test_checkpoint_to_model_before_any_checkpoint_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(load_config("synthetic_tiny").to_json())
+    assert cli.main(["checkpoint-to-model", str(run), str(tmp_path / "m")]) == 1
+    assert capsys.readouterr().err == f"vda-jax checkpoint-to-model: error: {run} has no checkpoint yet\n"
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(run) == ["config.json"]  # no checkpoints/ made in it

@@ -22,12 +22,20 @@ from vda_jax.models.vda import (
 )
 
 
-@pytest.mark.parametrize("implementation", ["xla", "cudnn"])
-def test_attention_implementations_agree(implementation):
+@pytest.mark.parametrize("implementation, runs", [("xla", ["xla"]), ("cudnn", ["cudnn", "xla"])])
+def test_attention_implementations_agree(implementation, runs, monkeypatch):
     q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 37, 4, 16))
     expected = attention(q, k, v, "einsum")
-    # cuDNN cannot run on CPU: "cudnn" falls back to XLA's implementation there.
+    tried, fused = [], jax.nn.dot_product_attention
+
+    def recorded(*args, implementation, **kwargs):
+        tried.append(implementation)
+        return fused(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    # cuDNN cannot run on CPU (nor on float32 inputs): "cudnn" tries it, then falls back to XLA's.
     np.testing.assert_allclose(attention(q, k, v, implementation), expected, rtol=1e-5, atol=1e-6)
+    assert tried == runs
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention(q, k, v, "flash")
 

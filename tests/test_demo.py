@@ -19,7 +19,7 @@ from PIL import Image
 from vda_jax.convert.convert import convert_state_dict
 from vda_jax.convert.readers import read_checkpoint
 
-from vda_jax import cli, demo
+from vda_jax import cli, demo, executables
 from vda_jax.assets import SAMPLE_VIDEO
 from vda_jax.config import ModelConfig
 from vda_jax.inference.stream import stream_depth
@@ -89,20 +89,29 @@ def test_sample_in_depth_out_as_infer(app, tiny_model):
 
 
 def test_requests_share_the_compiled_step(app):
+    """A second request neither traces, compiles nor loads the window programs from the disk store."""
     _, client, _ = app
     _depth(client)
-    compiles = []
+    events = []
+    watched = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration",
+               executables.HIT_EVENT, executables.MISS_EVENT)
 
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
+    def timed(event, duration, **kwargs):
+        events.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def counted(event, **kwargs):
+        events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(timed)
+    jax.monitoring.register_event_listener(counted)
     try:
         _depth(client, frame=1)
+        assert not [e for e in events if e in watched]
+        jax.jit(lambda x: x + 1)(0)  # the control: a function of its own is traced
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == []
+        jax.monitoring.unregister_event_duration_listener(timed)
+        jax.monitoring.unregister_event_listener(counted)
+    assert watched[0] in events
 
 
 def test_one_request_at_a_time(app, monkeypatch):

@@ -348,11 +348,11 @@ def test_every_command_takes_a_name_or_a_directory_not_both(command, capsys):
 
 
 def test_unknown_names_and_a_stray_revision_are_refused(capsys, tmp_path):
-    assert cli.main(["export", "--model", "vitx", str(tmp_path / "o.pth")]) == 1
+    assert cli.main(["export", "--model", "vitx", str(tmp_path / "o.pth"), "--format", "official"]) == 1
     assert capsys.readouterr().err.strip() == ("vda-jax export: error: unknown model 'vitx'; the names are vits, "
                                                f"{', '.join(list(pretrained.PRETRAINED)[1:])} (`vda-jax models` "
                                                "lists them)")
-    assert cli.main(["export", str(tmp_path), str(tmp_path / "o.pth"), "--revision", "v1"]) == 1
+    assert cli.main(["export", str(tmp_path), str(tmp_path / "o.pth"), "--format", "official", "--revision", "v1"]) == 1
     assert "--revision goes with --model NAME" in capsys.readouterr().err
 
 
@@ -413,3 +413,25 @@ def test_cli_infer_by_name_matches_the_official_pipeline_then_runs_offline(fixtu
     for depth in depths:
         assert np.abs(depth - expected).max() <= 1e-5 * np.abs(expected).max()
     assert len(server.gets()) == 1
+
+
+def test_model_free_checks_come_before_a_download(tmp_path, monkeypatch, capsys):
+    """An export's output and the inputs of an inference are checked before --model fetches anything."""
+    monkeypatch.setattr(pretrained, "model_dir", lambda *a, **k: pytest.fail("the model was fetched first"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder / "clip.mp4").write_bytes(b"")
+    for command, message in [
+            (["export", "--model", "vits", str(tmp_path)], f"--format onnx output {tmp_path} is a folder; name a file "
+                                                           "in it"),
+            (["export", "--model", "vits", str(tmp_path / "m.pth")], f"--format onnx output {tmp_path / 'm.pth'} is "
+                                                                     "named like a --format official file"),
+            (["infer", str(tmp_path / "a/clip.mp4"), str(tmp_path / "b/clip.mp4"), "--model", "vits", "--output-dir",
+              str(tmp_path / "out")], "several inputs would write clip_src.mp4"),
+            (["infer", "--sample", "--model", "vits", "--streaming", "--batch-size", "2", "--output-dir",
+              str(tmp_path / "out")], "--batch-size 2: streaming runs one video at a time")]:
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"vda-jax {command[0]}: error: {message}") and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]

@@ -90,6 +90,8 @@ def test_benchmark_refuses_a_checkpoint_with_the_official(tmp_path, child_env):
     ("export_check.py", ["--checkpoint", "{folder}", "--workdir", "{folder}/work"], "no config.json"),
     ("benchmark_stream.py", ["--model", "{folder}"], "no config.json"),
     ("benchmark_stream.py", ["--model", "vitx"], "unknown model 'vitx'"),
+    ("benchmark.py", ["--official", "{folder}"], "--official runs in another Python: give --torch-python"),
+    ("reproduce_claim.py", ["--workdir", "{folder}/claim", "--output", "{folder}"], "is a folder; name a file in it"),
 ])
 def test_a_bad_model_is_one_line_before_any_work(script, flags, problem, tmp_path, monkeypatch, capsys):
     flags = [f.format(missing=tmp_path / "missing", folder=tmp_path) for f in flags]

@@ -95,13 +95,14 @@ def _add_checkpoint_to_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from vda_jax.export.exporter import ExportOptions, export_checkpoint
+    from vda_jax.export.exporter import ExportOptions, check_output, export_checkpoint
     from vda_jax.runtime.metadata import metadata_path
 
     options = ExportOptions(format=args.format, frames=args.frames, height=args.height, width=args.width,
                             precision=args.precision, streaming=args.streaming)
     if not (args.checkpoint or args.model):
         raise ValueError("name the model to export: a model directory, or --model NAME")
+    check_output(args.output, options, overwrite=args.overwrite)  # before --model downloads anything
     metadata = export_checkpoint(_model_source(args), args.output, options, overwrite=args.overwrite)
     print(f"wrote {args.output}" + (f" ({metadata['kind']} model; see {metadata_path(args.output)})"
                                     if metadata else ""))
@@ -147,6 +148,7 @@ def _infer(args: argparse.Namespace) -> int:
         raise ValueError("no inputs: name videos, folders or patterns, or pass --sample")
     if args.onnx and (args.checkpoint or args.model):
         raise ValueError(f"give --{'checkpoint' if args.checkpoint else 'model'} or --onnx, not both")
+    files.check_inputs(sources, batch_size=args.batch_size, streaming=args.streaming, exported=bool(args.onnx))
     maybe_initialize_distributed()  # several processes split the inputs, each on its own devices
     compilation_cache.enable()
     if args.onnx:

@@ -101,6 +101,10 @@ class DataConfig:
             (self.max_scale >= 1.0, f"max_scale must be >= 1, got {self.max_scale}"),
             (0.0 <= self.image_ratio < 1.0, f"image_ratio must be in [0, 1), got {self.image_ratio}"),
             (self.image_ratio == 0 or self.image_dataset, "image_ratio > 0 needs an image_dataset"),
+            (0.0 <= self.flip_prob <= 1.0, f"flip_prob must be in [0, 1], got {self.flip_prob}"),
+            (self.color_jitter >= 0.0, f"color_jitter must be >= 0 (0: off), got {self.color_jitter}"),
+            (self.read_threads >= 1, f"read_threads must be >= 1, got {self.read_threads}"),
+            (self.prefetch_batches >= 0, f"prefetch_batches must be >= 0, got {self.prefetch_batches}"),
         ]
         for ok, message in checks:
             if not ok:

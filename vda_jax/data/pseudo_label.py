@@ -52,6 +52,10 @@ def label_path(output_dir: str, image: str) -> str:
 def check_folders(images_dir: str, output_dir: str) -> None:
     """Raises ValueError unless ``images_dir`` holds images and ``output_dir`` can take the labels."""
     _image_files(images_dir)
+    images, output = os.path.realpath(images_dir), os.path.realpath(output_dir)
+    if os.path.commonpath([images, output]) == images:
+        raise ValueError(f"--output {output_dir} is inside the images folder {images_dir} (its labels would be "
+                         "read as images); give a folder outside it")
     check_output_folder(output_dir, "--output")
 
 

@@ -81,11 +81,9 @@ class ExportOptions:
             raise ValueError(f"--frames {self.frames} must be between 1 and the model's {config_frames}")
 
 
-def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
-                      overwrite: bool = False) -> dict[str, Any]:
-    """Exports a model directory; returns the metadata written beside it (empty for ``official``)."""
-    config, info = read_config(checkpoint)
-    options.check(config.num_frames)
+def check_output(output: str, options: ExportOptions, *, overwrite: bool = False) -> None:
+    """Raises ``ValueError`` (``FileExistsError``) unless ``output`` can take the export
+    ``options`` describe: a name of its format, a place to write it, the modules it needs."""
     by_format = {**{f: (suffix,) for f, suffix in ARTIFACT_SUFFIXES.items()}, "official": OFFICIAL_SUFFIXES}
     other = next((f for f, suffixes in by_format.items() if f != options.format and output.endswith(suffixes)), None)
     if other:
@@ -95,6 +93,14 @@ def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
                       overwrite=overwrite)
     if options.format == "onnx":
         _onnx_modules()  # missing: said now, not after loading and tracing the model
+
+
+def export_checkpoint(checkpoint: str, output: str, options: ExportOptions, *,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Exports a model directory; returns the metadata written beside it (empty for ``official``)."""
+    config, info = read_config(checkpoint)
+    options.check(config.num_frames)
+    check_output(output, options, overwrite=overwrite)
     model = load_checkpoint(checkpoint)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if options.format == "official":

@@ -80,6 +80,19 @@ def check_options(options: OutputOptions) -> None:
         raise ValueError(f"--save-exr needs the OpenEXR package: {outputs.EXR_INSTALL}")
 
 
+def check_inputs(sources: list[str], *, batch_size: int, streaming: bool, exported: bool) -> None:
+    """Raises ValueError for inputs and a runner that cannot go together, before any model is loaded
+    (``exported``: the ONNX runtime's model)."""
+    names = [source_name(s) for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"several inputs would write {duplicates[0]}_src.mp4; process them into different "
+                         "--output-dir")
+    if batch_size != 1 and (streaming or exported):
+        runner = "streaming" if streaming else "the ONNX runtime"
+        raise ValueError(f"--batch-size {batch_size}: {runner} runs one video at a time; drop --batch-size")
+
+
 def output_paths(source: str, options: OutputOptions) -> dict[str, str]:
     """The files (and folders) written for ``source``."""
     base = os.path.join(options.output_dir, source_name(source))
@@ -254,18 +267,11 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
     ``options.overwrite``. An output folder that this call created and left empty
     is removed. ``on_frames(n)`` is called as each ``n`` depth frames are done.
     """
-    names = [source_name(s) for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"several inputs would write {duplicates[0]}_src.mp4; process them into different "
-                         "--output-dir")
+    check_inputs(sources, batch_size=batch_size, streaming=streaming, exported=isinstance(model, ExportedModel))
     if options.save_ply and not (model.metric if isinstance(model, ExportedModel) else model.config.metric):
         raise ValueError("point clouds need a metric model; drop --save-ply or use a metric checkpoint")
     if isinstance(model, ExportedModel):
         model.check_video_options(streaming=streaming, precision=precision)
-    if batch_size != 1 and (streaming or isinstance(model, ExportedModel)):
-        runner = "streaming" if streaming else "the ONNX runtime"
-        raise ValueError(f"--batch-size {batch_size}: {runner} runs one video at a time; drop --batch-size")
     check_options(options)
     created = not os.path.isdir(options.output_dir)
     os.makedirs(options.output_dir, exist_ok=True)

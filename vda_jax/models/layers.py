@@ -55,7 +55,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "e
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        except (RuntimeError, ValueError, NotImplementedError, TypeError):
+        except (RuntimeError, ValueError, NotImplementedError):
             pass  # cuDNN is missing or does not support these inputs
     elif implementation != "xla":
         raise ValueError(f"unknown attention implementation {implementation!r}; "

@@ -24,6 +24,7 @@ from vda_jax.config import ENCODERS, ModelConfig, model_config
 from vda_jax.data.builders import SyntheticConfig
 from vda_jax.data.layouts import SPLITS
 from vda_jax.data.pipeline import DataConfig, clip_index
+from vda_jax.data.synthetic import SCENE_KINDS
 from vda_jax.inference.window import WINDOW_FRAMES
 from vda_jax.precision import check_precision
 from vda_jax.pretrained import PRETRAINED
@@ -194,6 +195,9 @@ def validate(config: config_dict.ConfigDict) -> None:
             raise ValueError(f"{key} must be {rule}, got {value!r}")
     if c.checkpoint.best_mode not in ("min", "max"):
         raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got {c.checkpoint.best_mode!r}")
+    if c.eval.every and c.checkpoint.best_metric not in (*LOSS_METRICS, *DEPTH_METRICS):
+        raise ValueError(f"checkpoint.best_metric must be one of {[*LOSS_METRICS, *DEPTH_METRICS]}, got "
+                         f"{c.checkpoint.best_metric!r}")
     check_precision(c.precision)
     learning_rates(c.optimizer, c.total_steps)  # checks the warm-up against total_steps
     model = model_config_from(c.model)
@@ -212,6 +216,10 @@ def validate(config: config_dict.ConfigDict) -> None:
     if c.synthetic is not None:
         _check_synthetic(c)
 
+
+# What an evaluation reports: the losses on any validation set, depth metrics on one of metric depth.
+LOSS_METRICS = ("val_loss", "val_spatial", "val_stable")
+DEPTH_METRICS = ("val_abs_rel", "val_delta1")
 
 # (key, test, the rule in words), checked in this order; None passes (an unset optional value).
 _RANGES = (
@@ -250,6 +258,9 @@ def _check_synthetic(c: config_dict.ConfigDict) -> None:
         raise ValueError(f"synthetic.name {name!r} and data.video_dataset {c.data.video_dataset!r} disagree; set "
                          f"data.video_dataset='vda_synthetic/{name}'")
     synthetic = SyntheticConfig(name=name, **fields)
+    if synthetic.scene_kind not in (None, *SCENE_KINDS):
+        raise ValueError(f"synthetic.scene_kind must be one of {[*SCENE_KINDS]} or None (a mix), got "
+                         f"{synthetic.scene_kind!r}")
     videos = dict(zip(SPLITS, synthetic.num_videos))
     per_video = len(clip_index([synthetic.num_frames], c.data.clip_frames, c.data.clip_stride, c.data.clip_hop))
     uses = {c.data.video_split: "training", **({c.eval.split: "evaluation"} if c.eval.every else {})}
@@ -359,10 +370,24 @@ def _parse(key: str, text: str, current: Any) -> Any:
         value = tuple(value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if current is not None and (type(value) is not expected):
-        raise ValueError(f"config key {key!r} holds {expected.__name__} values (now {current!r}); "
+    if current is not None and (type(value) is not expected or not _same_element_types(value, current)):
+        raise ValueError(f"config key {key!r} holds {_type_name(current)} values (now {current!r}); "
                          f"cannot set it to {text!r}")
     return value
+
+
+def _same_element_types(value: Any, current: Any) -> bool:
+    """A tuple's items have the types of ``current``'s (an int stands for a float)."""
+    if not isinstance(current, tuple) or not current:
+        return True
+    kinds = {type(v) for v in current}
+    return all(type(v) in kinds or (float in kinds and type(v) is int) for v in value)
+
+
+def _type_name(current: Any) -> str:
+    if isinstance(current, tuple) and current:
+        return f"tuple of {'/'.join(sorted({type(v).__name__ for v in current}))}"
+    return type(current).__name__
 
 
 def apply_overrides(config: config_dict.ConfigDict, overrides: Sequence[str]) -> None:
@@ -382,7 +407,12 @@ def apply_overrides(config: config_dict.ConfigDict, overrides: Sequence[str]) ->
         if isinstance(node[name], config_dict.ConfigDict):
             raise ValueError(f"config key {key!r} is a group; set its fields as {key}.FIELD=VALUE "
                              f"(fields: {', '.join(node[name].keys())})")
-        node[name] = _parse(key, text, node[name])
+        value = _parse(key, text, node[name])
+        try:
+            node[name] = value
+        except TypeError:  # an unset field declared with a type (config_dict.placeholder)
+            kind = node.get_ref(name).get_type().__name__
+            raise ValueError(f"config key {key!r} holds {kind} values; cannot set it to {text!r}") from None
 
 
 def model_config_from(model: config_dict.ConfigDict) -> ModelConfig:

@@ -41,7 +41,7 @@ from vda_jax.models.vda import VideoDepthAnything
 from vda_jax.precision import compute_dtype
 from vda_jax.train import coordination, sharding
 from vda_jax.train.checkpoints import Checkpoints
-from vda_jax.train.config import model_config_from, validate
+from vda_jax.train.config import DEPTH_METRICS, LOSS_METRICS, model_config_from, validate
 from vda_jax.train.init import initial_model
 from vda_jax.train.metrics_log import MetricsLog, write_atomic
 from vda_jax.train.optimizer import learning_rates, make_optimizer
@@ -78,10 +78,10 @@ class Trainer:
         validate(config)
         self.model_config = model_config_from(config.model)
         checkpoint_dir = os.path.join(self.workdir, "checkpoints")
+        self.mesh = sharding.make_mesh(**config.mesh)  # sizes that do not fit the devices fail before any work
         # A first start reads its initial weights before the data: a wrong init_from fails before any is rendered.
         initial = None if Checkpoints.exist(checkpoint_dir) else initial_model(
             self.model_config, config.init_from, seed=config.seed, dtype=compute_dtype(config.precision))
-        self.mesh = sharding.make_mesh(**config.mesh)
         # This process reads its rows of every global batch: the block its devices hold.
         self._shard = grain.sharding.ShardOptions(*sharding.process_rows(self.mesh))
         # Processes that feed the same block (they differ along "tensor") count its scores once.
@@ -175,9 +175,9 @@ class Trainer:
                 for kind, name in sources.items()}
 
     def _check_best_metric(self) -> None:
-        available = ["val_loss", "val_spatial", "val_stable"]
+        available = [*LOSS_METRICS]
         if self.config.eval.every and _metric_depth(self._val_meta, self.config.eval.split):
-            available += ["val_abs_rel", "val_delta1"]
+            available += DEPTH_METRICS
         if self.config.eval.every and self.config.checkpoint.best_metric not in available:
             raise ValueError(f"checkpoint.best_metric {self.config.checkpoint.best_metric!r} is not computed "
                              f"for this validation set; choose one of {available}")
@@ -346,13 +346,12 @@ def model_from_checkpoint(workdir: str, output_dir: str, *, step: str | int = "b
                                              f"{workdir})" if ours else "not a training workdir"))
     config = config_dict.ConfigDict(config)
     check_model_output(output_dir, overwrite=overwrite)  # before the restore
-    c = config.checkpoint
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=c.keep, best_metric=c.best_metric,
-                              best_mode=c.best_mode)
+    c, folder = config.checkpoint, os.path.join(workdir, "checkpoints")
+    if not Checkpoints.exist(folder):  # asked before a manager opens it (which would create the folder)
+        raise ValueError(f"{workdir} has no checkpoint yet")
+    checkpoints = Checkpoints(folder, keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode)
     try:
         steps = checkpoints.all_steps()
-        if not steps:
-            raise ValueError(f"{workdir} has no checkpoint yet")
         if step in ("best", "latest"):
             chosen = (checkpoints.best_step() if step == "best" else None) or checkpoints.latest_step()
         elif str(step).isdigit() and int(step) in steps:
