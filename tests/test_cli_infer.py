@@ -3,6 +3,7 @@
 import contextlib
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -152,11 +153,14 @@ def test_option_values_are_checked_and_help_shows_defaults(capsys, tmp_path):
                            (["--target-fps", "0"], "--target-fps: must be a positive number or -1 (off), got 0"),
                            (["--focal-length-x", "-1"], "--focal-length-x: must be a positive number, got -1"),
                            (["--batch-size", "two"], "--batch-size: must be a positive integer, got two"),
-                           (["--input-size", "13"], "--input-size: must be an integer >= 14 (one ViT patch), got 13")]:
+                           (["--input-size", "13"], "--input-size: must be an integer >= 14 (one ViT patch), got 13"),
+                           (["--frames-per-second"], None)]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["infer", "--sample", *flags])
         assert exit_info.value.code == 2
-        assert capsys.readouterr().err == f"vda-jax infer: error: argument {message} (see vda-jax infer --help)\n"
+        # An option no command takes is named by the command whose --help lists what it takes.
+        problem = f"argument {message}" if message else f"unrecognized arguments: {' '.join(flags)}"
+        assert capsys.readouterr().err == f"vda-jax infer: error: {problem} (see vda-jax infer --help)\n"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["infer", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
@@ -280,16 +284,27 @@ def test_a_video_is_finished_while_the_next_one_runs(model, videos, tmp_path, mo
                                                   for kind in ("depths.npz", "src.mp4", "vis.mp4"))
 
 
-def test_a_video_that_fails_to_finish_fails_alone(model, videos, tmp_path, monkeypatch):
-    def full_disk():
-        raise OSError(28, "No space left on device")
+def _full_disk():
+    raise OSError(28, "No space left on device")
 
-    _finish_clip0_with(monkeypatch, full_disk)
+
+def test_a_video_that_fails_to_finish_fails_alone(model, videos, tmp_path, monkeypatch):
+    _finish_clip0_with(monkeypatch, _full_disk)
     logged = []
     report = _infer(model, videos, tmp_path, log=logged.append)
     assert report.failed == [str(videos[0])] and report.written == [str(videos[1])]
     assert logged == [f"{videos[0]}: error: [Errno 28] No space left on device"]
     assert sorted(os.listdir(tmp_path)) == ["clip1_depths.npz", "clip1_src.mp4", "clip1_vis.mp4"]
+
+
+def test_a_message_starts_a_line_of_its_own_under_the_progress_bar(model, videos, tmp_path, monkeypatch, capsys):
+    _finish_clip0_with(monkeypatch, _full_disk)
+    files.infer_files(model, [str(v) for v in videos], files.OutputOptions(str(tmp_path), save_npz=True),
+                      files.ReadOptions(), input_size=28, progress=True)
+    err = capsys.readouterr().err
+    assert "depth:" in err  # the bar was drawn
+    (line,) = [part for part in re.split(r"[\r\n]", err) if "error:" in part]
+    assert line == f"{videos[0]}: error: [Errno 28] No space left on device"
 
 
 def test_ctrl_c_while_a_video_is_finished_in_the_background(model, videos, tmp_path, monkeypatch):

@@ -416,7 +416,8 @@ def test_cli_infer_by_name_matches_the_official_pipeline_then_runs_offline(fixtu
 
 
 def test_model_free_checks_come_before_a_download(tmp_path, monkeypatch, capsys):
-    """An export's output and the inputs of an inference are checked before --model fetches anything."""
+    """An export's output, the inputs of an inference and an evaluation's dataset are checked before --model
+    fetches anything."""
     monkeypatch.setattr(pretrained, "model_dir", lambda *a, **k: pytest.fail("the model was fetched first"))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -430,7 +431,9 @@ def test_model_free_checks_come_before_a_download(tmp_path, monkeypatch, capsys)
             (["infer", str(tmp_path / "a/clip.mp4"), str(tmp_path / "b/clip.mp4"), "--model", "vits", "--output-dir",
               str(tmp_path / "out")], "several inputs would write clip_src.mp4"),
             (["infer", "--sample", "--model", "vits", "--streaming", "--batch-size", "2", "--output-dir",
-              str(tmp_path / "out")], "--batch-size 2: streaming runs one video at a time")]:
+              str(tmp_path / "out")], "--batch-size 2: streaming runs one video at a time"),
+            (["eval", "--model", "vits", "--dataset", "vda_synthetic/nosuch", "--data-dir", str(tmp_path / "a")],
+             f"dataset vda_synthetic/nosuch is not built in {tmp_path / 'a'}")]:
         assert cli.main(command) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"vda-jax {command[0]}: error: {message}") and err.count("\n") == 1, err

@@ -159,12 +159,15 @@ def test_checkpoints_keep_latest_and_best(tmp_path, caplog):
 
 
 def test_the_data_libraries_notes_are_dropped(caplog):
-    """TFDS's OpenCV advice and custom-config notes (printed by every synthetic training run) are not shown."""
+    """TFDS's OpenCV advice and custom-config notes (printed by every synthetic training run) and its warning of a
+    data folder without the dataset (which the error then says) are not shown."""
     from absl import logging as absl_logging
 
     with caplog.at_level(logging.INFO):
         for message in ("OpenCV is not installed. We recommend using OpenCV because it is faster ...",
-                        "Using custom data configuration: SyntheticConfig(name='tiny')", "a warning of substance"):
+                        "Using custom data configuration: SyntheticConfig(name='tiny')",
+                        "Variant folder /data/vda_synthetic/tiny/1.0.0 has no dataset_info.json",
+                        "a warning of substance"):
             absl_logging.warning(message)
     assert [r.getMessage() for r in caplog.records] == ["a warning of substance"]
 

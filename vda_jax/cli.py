@@ -214,14 +214,18 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from vda_jax.data.builders import open_split
     from vda_jax.eval import runner
     from vda_jax.io.paths import check_output_file
 
     dataset, _, split = args.dataset.partition(":")
+    split = split or "test"
     if args.output:
         check_output_file(args.output, "--output")  # not after the evaluation
+    if args.model:  # a dataset that is not there is said before the weights are fetched
+        open_split(dataset, split, args.data_dir)
     model, input_size = _load_model(_model_source(args))
-    report = runner.evaluate(model, dataset, split or "test", data_dir=args.data_dir,
+    report = runner.evaluate(model, dataset, split, data_dir=args.data_dir,
                              max_frames=args.max_frames, input_size=args.input_size or input_size,
                              precision=args.precision,
                              strategy=args.strategy, progress=not args.quiet)
@@ -374,10 +378,20 @@ _positive_or_off_float = _checked(float, lambda v: v > 0 or v == -1, "a positive
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, as every other error (``--help`` shows the usage)."""
+    """Usage errors in one line, as every other error (``--help`` shows the usage); an argument no
+    command takes is the command's error (its ``--help`` lists what it takes)."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -420,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     for subparser in sub.choices.values():
         subparser.formatter_class = _HelpFormatter
+    parser.commands = sub.choices
     return parser
 
 

@@ -43,9 +43,10 @@ from vda_jax import logs
 from vda_jax.data import files, layouts, synthetic
 from vda_jax.io.paths import check_output_folder
 
-# TFDS recommends OpenCV for decoding PNGs (PIL decodes ours as well), and announces every
-# BuilderConfig that is not predefined (the synthetic configs of a training run are made to measure).
-logs.drop("absl", "OpenCV is not installed.", "Using custom data configuration:")
+# TFDS recommends OpenCV for decoding PNGs (PIL decodes ours as well), announces every
+# BuilderConfig that is not predefined (the synthetic configs of a training run are made to measure),
+# and warns of a data folder that does not hold the dataset, which ``open_split`` says as its error.
+logs.drop("absl", "OpenCV is not installed.", "Using custom data configuration:", "has no dataset_info.json")
 
 _NO_K = np.full((3, 3), np.nan, np.float32)
 _NO_POSE = np.full((4, 4), np.nan, np.float32)

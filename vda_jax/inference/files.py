@@ -285,6 +285,17 @@ def infer_files(model: VideoDepthAnything | ExportedModel, sources: list[str], o
                 os.rmdir(options.output_dir)
 
 
+def _above_bars(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` with the progress bars cleared before each message and drawn again after it, so a
+    message starts a line of its own instead of following a bar."""
+
+    def write(message: str) -> None:
+        with tqdm.tqdm.external_write_mode(file=sys.stderr):
+            log(message)
+
+    return write
+
+
 def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], options: OutputOptions,
                  read: ReadOptions, *, input_size: int, precision: str | None, batch_size: int, streaming: bool,
                  progress: bool, log: Callable[[str], None], on_frames: Callable[[int], None]) -> Report:
@@ -311,6 +322,7 @@ def _infer_share(model: VideoDepthAnything | ExportedModel, sources: list[str], 
 
     total = sum(i.num_frames for group in infos.values() for i in group)
     bar = tqdm.tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, desc="depth")
+    log = _above_bars(log)
 
     def done(count: int) -> None:
         bar.update(count)
