@@ -142,6 +142,11 @@ def test_config_validation():
         DataConfig(crop_size=(20, 28))
     with pytest.raises(ValueError, match="needs an image_dataset"):
         DataConfig(image_ratio=0.5)
+    for field, value, rule in [("flip_prob", -0.1, r"in \[0, 1\]"), ("color_jitter", -1.0, r">= 0 \(0: off\)"),
+                               ("read_threads", 0, ">= 1"), ("prefetch_batches", -1, ">= 0")]:
+        with pytest.raises(ValueError, match=f"^invalid DataConfig: {field} must be {rule}, got {value}$"):
+            DataConfig(**{field: value})
+    DataConfig(flip_prob=0.0, color_jitter=0.0, read_threads=1, prefetch_batches=0)  # the edges are allowed
 
 
 def test_crop_resize_and_flip_keep_the_geometry():
