@@ -83,8 +83,8 @@ def check_options(options: OutputOptions) -> None:
 def check_inputs(sources: list[str], *, batch_size: int, streaming: bool, exported: bool) -> None:
     """Raises ValueError for inputs and a runner that cannot go together, before any model is loaded
     (``exported``: the ONNX runtime's model)."""
-    names = [source_name(s) for s in sources]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(source_name(s) for s in sources)  # linear: jobs of thousands of videos
+    duplicates = sorted(n for n, count in counts.items() if count > 1)
     if duplicates:
         raise ValueError(f"several inputs would write {duplicates[0]}_src.mp4; process them into different "
                          "--output-dir")
